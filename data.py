@@ -1,0 +1,534 @@
+"""
+Data for tst: text corpora -> token shards -> the rows both TST phases train on.
+
+Prepare a folder once, then train from it with TokenLoader:
+
+    python data.py --source stdlib --tokenizer bytes --out_dir data/stdlib_bytes
+    python data.py --source dclm --tokenizer llama3:tokenizer.model --out_dir data/dclm --max_tokens 105e9
+
+Tokenizers (get_tokenizer):
+    bytes                  offline, no download: ids 0..255 are the UTF-8 bytes, 256 is end-of-text
+    gpt2, cl100k_base, o200k_base (any tiktoken encoding name)
+                           downloaded once by tiktoken into $TIKTOKEN_CACHE_DIR (pre-seed it for offline machines)
+    llama3:PATH            Llama 3's original tokenizer.model (tiktoken format: 'base64(bytes) rank' per line),
+                           its 256 special tokens numbered after the ranks (bos 128000, eot 128001, 128,256 ids)
+
+Sources (SOURCE):
+    stdlib                 the .py files of the running Python's standard library (site-packages excluded):
+                           the offline corpus of the tiny config, one document per file
+    dclm                   mlfoundations/dclm-baseline-1.0 (the paper's dense runs), streamed from the Hugging Face hub
+    fineweb-edu[:CONFIG]   HuggingFaceFW/fineweb-edu, streamed; CONFIG is e.g. sample-10BT, sample-100BT, sample-350BT
+    hf:NAME[:CONFIG]       any Hugging Face dataset, streamed (split "train", column --text_field)
+    GLOB                   local files: *.jsonl / *.json / *.parquet (optionally .gz/.xz/.bz2/.zst) are read through
+                           `datasets` (one document per row, column --text_field), any other file is one UTF-8 document
+    W*SOURCE,W*SOURCE,...  a mix by weight of text, e.g. 0.5*dclm,0.5*fineweb-edu (the paper's MoE data): the next
+                           document always comes from the source furthest below its share of characters so far
+
+Preparation tokenizes in parallel, puts end-of-text before every document, holds out the first documents (at least
+--val_tokens tokens) as the validation split and writes the rest in order as train shards of about --shard_tokens
+tokens, each ending at a document boundary. meta.json records the settings and, for every finished shard, how many
+documents of the source it completes, so re-running the same command skips finished shards and resumes after the
+last intact one (an interrupted or extended run, e.g. with a larger --max_tokens).
+
+Shard file OUT_DIR/{split}_{index:06d}.bin: a 24-byte little-endian header (8-byte magic b"TSTTOKEN", uint32 format
+version, uint32 bytes per token (2: uint16, 4: uint32), uint64 token count), then the tokens, little-endian.
+
+Loader order: a split is one stream, its shards in order, cut into chunks of chunk_tokens tokens (a chunk never spans
+two shards). Epoch e serves the chunks in the order np.random.default_rng([seed, e]).permutation(n_chunks); the
+epochs, one after another, form an endless stream from which rows are cut back to back (each row's last token is the
+next row's first). The position in that stream is the loader's whole state: it is the same on every rank, so a
+checkpoint taken on any rank resumes all of them, even under another world size or row length.
+"""
+
+import argparse
+import base64
+import collections
+import glob
+import hashlib
+import itertools
+import json
+import multiprocessing
+import os
+import re
+import shlex
+import struct
+import sysconfig
+import time
+from pathlib import Path
+
+import numpy as np
+import tiktoken
+import torch
+
+# -----------------------------------------------------------------------------
+# Tokenizers
+
+# Llama 3's pre-tokenisation pattern, as in Meta's llama/tokenizer.py
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_SPECIALS = [
+    "<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
+    "<|reserved_special_token_2|>", "<|reserved_special_token_3|>", "<|start_header_id|>", "<|end_header_id|>",
+    "<|reserved_special_token_4|>", "<|eot_id|>",
+] + [f"<|reserved_special_token_{i}|>" for i in range(5, 251)]
+
+
+class Tokenizer:
+    """A tiktoken encoding and the ids training needs: eot goes between documents, bos is None where there is none."""
+
+    def __init__(self, name, enc, eot, bos=None):
+        self.name, self.enc, self.eot, self.bos, self.n_vocab = name, enc, eot, bos, enc.n_vocab
+
+    def encode(self, text):
+        # ordinary text only: a document that quotes "<|endoftext|>" must not inject a document boundary
+        return self.enc.encode_ordinary(text)
+
+    def decode(self, ids):
+        return self.enc.decode([int(i) for i in ids])
+
+
+def get_tokenizer(name):
+    if name == "bytes":
+        # tiktoken with no merges is plain UTF-8 bytes, and faster than doing it in Python
+        ranks = {bytes([b]): b for b in range(256)}
+        enc = tiktoken.Encoding("bytes", pat_str=r"[\s\S]{1,64}", mergeable_ranks=ranks,
+                                special_tokens={"<|endoftext|>": 256})
+        return Tokenizer(name, enc, eot=256)
+    if name.startswith("llama3:"):
+        ranks = _read_ranks(name[len("llama3:"):])
+        specials = {token: len(ranks) + i for i, token in enumerate(LLAMA3_SPECIALS)}
+        enc = tiktoken.Encoding("llama3", pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks, special_tokens=specials)
+        return Tokenizer(name, enc, eot=specials["<|end_of_text|>"], bos=specials["<|begin_of_text|>"])
+    if name not in tiktoken.list_encoding_names():
+        raise ValueError(f"unknown tokenizer {name!r}: use bytes, llama3:PATH or one of "
+                         f"{tiktoken.list_encoding_names()}")
+    try:
+        enc = tiktoken.get_encoding(name)
+    except OSError as e:  # tiktoken's download failed
+        raise RuntimeError(f"tiktoken could not download the {name!r} encoding ({e}). Without network, point "
+                           f"TIKTOKEN_CACHE_DIR at a cache seeded on a machine with network (see the README)") from e
+    return Tokenizer(name, enc, eot=enc.eot_token)
+
+
+def _read_ranks(path):
+    """A tiktoken-format BPE file. Read here rather than by tiktoken.load, which would write a copy into its cache."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"tokenizer file {path!r} not found (tokenizer 'llama3:{path}'): give the path of "
+                                f"Llama 3's original tokenizer.model")
+    ranks = {}
+    for n, line in enumerate(Path(path).read_bytes().splitlines(), 1):
+        try:
+            token, rank = line.split()
+            ranks[base64.b64decode(token, validate=True)] = int(rank)
+        except ValueError:
+            raise ValueError(f"{path}, line {n}: {line[:60]!r} is not 'base64(token bytes) rank': the "
+                             f"llama3: tokenizer needs the tiktoken-format tokenizer.model (Meta's original/ folder)"
+                             ) from None
+    if sorted(ranks.values()) != list(range(len(ranks))) or any(bytes([b]) not in ranks for b in range(256)):
+        raise ValueError(f"{path}: the ranks must be 0..{len(ranks) - 1}, each once, and include all 256 single bytes")
+    return ranks
+
+
+# -----------------------------------------------------------------------------
+# Sources: each is an iterator over documents (str), checked when it is opened, before any document is read
+
+HF_NAMED = {"dclm": "mlfoundations/dclm-baseline-1.0", "fineweb-edu": "HuggingFaceFW/fineweb-edu"}
+SOURCE_HELP = ("a SOURCE is stdlib, dclm, fineweb-edu[:CONFIG], hf:NAME[:CONFIG], a glob of local files, "
+               "or a mix W*SOURCE,W*SOURCE,...")
+WEIGHTED = re.compile(r"^(\d+\.?\d*|\.\d+)\*(.+)$")
+
+
+def _documents(source, text_field="text"):
+    parts = source.split(",")
+    if len(parts) == 1 and not WEIGHTED.match(source):
+        return _open_source(source, text_field)
+    weights, streams = [], []
+    for part in parts:
+        m = WEIGHTED.match(part)
+        weight, spec = (float(m[1]), m[2]) if m else (1.0, part)
+        if weight <= 0:
+            raise ValueError(f"mix {source!r}: weight of {spec!r} must be positive")
+        weights.append(weight)
+        streams.append(_open_source(spec, text_field))
+    return _mix(streams, weights, parts)
+
+
+def _open_source(spec, text_field):
+    if spec == "stdlib":
+        return _stdlib_documents()
+    name, _, config = spec.partition(":")
+    if name in HF_NAMED:
+        return _hf_documents(HF_NAMED[name], config or None, None, text_field)
+    if name == "hf":
+        path, _, config = config.partition(":")
+        return _hf_documents(path, config or None, None, text_field)
+    files = sorted(f for f in glob.glob(spec, recursive=True) if os.path.isfile(f))
+    if not files:
+        raise FileNotFoundError(f"source {spec!r}: no such dataset or local file ({SOURCE_HELP})")
+    kinds = {_file_kind(f) for f in files}
+    if len(kinds) > 1:
+        raise ValueError(f"source {spec!r} matches files of several kinds ({sorted(kinds)}): "
+                         f"give one glob per kind, as a mix")
+    kind = kinds.pop()
+    if kind == "text":
+        return (Path(f).read_text("utf-8", errors="replace") for f in files)
+    return _hf_documents(kind, None, files, text_field)
+
+
+def _file_kind(path):
+    name = re.sub(r"\.(gz|xz|bz2|zst|zstd)$", "", path.lower())
+    return "json" if name.endswith((".jsonl", ".json")) else "parquet" if name.endswith(".parquet") else "text"
+
+
+def _stdlib_documents():
+    root = sysconfig.get_paths()["stdlib"]
+    files = []
+    for folder, subfolders, names in os.walk(root):
+        subfolders[:] = [s for s in subfolders if s not in ("site-packages", "dist-packages")]
+        files += [os.path.relpath(os.path.join(folder, n), root) for n in names if n.endswith(".py")]
+    # a fixed shuffle (by hash of the path) rather than alphabetical order, so that the first files, which become
+    # the validation split, are a fair sample of the library and not just its private modules
+    files.sort(key=lambda f: hashlib.sha1(f.replace(os.sep, "/").encode()).hexdigest())
+    return (Path(root, f).read_text("utf-8", errors="replace") for f in files)
+
+
+def _hf_documents(path, config, data_files, text_field):
+    import datasets  # here, not at the top: it takes a second to import and only these sources need it
+
+    rows = datasets.load_dataset(path, config, data_files=data_files, split="train", streaming=True)
+
+    def documents():
+        for row in rows:
+            if text_field not in row:
+                raise ValueError(f"dataset {path} ({data_files or config}) has no column {text_field!r} "
+                                 f"(its columns: {sorted(row)}): pass --text_field")
+            yield row[text_field] or ""
+    return documents()
+
+
+def _mix(streams, weights, names):
+    taken = [0] * len(streams)  # characters taken from each source
+    while True:
+        i = min(range(len(streams)), key=lambda i: taken[i] / weights[i])
+        text = next(streams[i], None)
+        if text is None:
+            print(f"\nmix: {names[i]} ran out; stopping here so that the mix keeps its weights")
+            return
+        taken[i] += len(text) + 1
+        yield text
+
+
+# -----------------------------------------------------------------------------
+# Shards
+
+MAGIC, VERSION = b"TSTTOKEN", 1
+HEADER = struct.Struct("<8sIIQ")  # magic, version, bytes per token, token count
+DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
+SPLITS = ("val", "train")
+
+
+def write_shard(path, tokens, dtype):
+    tokens = np.asarray(tokens)
+    if len(tokens) and tokens.max() > np.iinfo(DTYPES[dtype]).max:
+        raise ValueError(f"{path}: token id {tokens.max()} does not fit {dtype}: write uint32 shards")
+    tmp = Path(f"{path}.tmp")  # renamed into place when complete, so a shard on disk is never half written
+    with open(tmp, "wb") as f:
+        f.write(HEADER.pack(MAGIC, VERSION, DTYPES[dtype].itemsize, len(tokens)))
+        f.write(tokens.astype(DTYPES[dtype]).tobytes())
+    os.replace(tmp, path)
+
+
+def read_shard(path):
+    """The tokens of a shard, memory-mapped, after checking its header against the file."""
+    with open(path, "rb") as f:
+        head = f.read(HEADER.size)
+    if len(head) < HEADER.size or not head.startswith(MAGIC):
+        raise ValueError(f"{path} is not a tst token shard (bad magic {head[:8]!r}): prepare it with python data.py")
+    _, version, itemsize, n = HEADER.unpack(head)
+    if version != VERSION or itemsize not in (2, 4):
+        raise ValueError(f"{path}: shard format version {version} with {itemsize}-byte tokens; this data.py reads "
+                         f"version {VERSION} with 2 or 4: prepare the data again")
+    if os.path.getsize(path) != HEADER.size + n * itemsize:
+        raise ValueError(f"{path} is truncated or damaged: its header promises {n:,} tokens "
+                         f"({HEADER.size + n * itemsize:,} bytes), the file has {os.path.getsize(path):,} bytes. "
+                         f"Re-run the python data.py command that made it: it rewrites the data from the first broken "
+                         f"shard on")
+    return np.memmap(path, DTYPES["uint16" if itemsize == 2 else "uint32"], "r", offset=HEADER.size, shape=(n,))
+
+
+def load_meta(data_dir):
+    path = Path(data_dir) / "meta.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: prepare the data first, e.g. python data.py --source stdlib "
+                                f"--tokenizer bytes --out_dir {data_dir}")
+    meta = json.loads(path.read_text())
+    if not meta["done"]:
+        raise ValueError(f"{data_dir} is only partly prepared: finish it with {_command(meta, data_dir)}")
+    if meta["vocab_size"] - 1 > np.iinfo(DTYPES[meta["dtype"]]).max:
+        raise ValueError(f"{path}: vocab_size {meta['vocab_size']:,} does not fit dtype {meta['dtype']}: "
+                         f"prepare again with dtype uint32")
+    return meta
+
+
+def _command(meta, out_dir):
+    """The python data.py command that (re)makes out_dir as meta describes it."""
+    words = ["python", "data.py", "--source", meta["source"], "--tokenizer", meta["tokenizer"], "--out_dir", str(out_dir),
+             "--val_tokens", str(meta["val_target"]), "--shard_tokens", str(meta["shard_tokens"]),
+             "--text_field", meta["text_field"], "--dtype", meta["dtype"]]
+    if meta.get("max_tokens") is not None:
+        words += ["--max_tokens", str(meta["max_tokens"])]
+    return shlex.join(words)
+
+
+# -----------------------------------------------------------------------------
+# Preparation
+
+BATCH_CHARS = 1 << 20  # text per tokenizer task: big enough to amortise the inter-process copy
+
+
+def prepare(source, tokenizer, out_dir, *, val_tokens=1_000_000, shard_tokens=100_000_000, max_tokens=None,
+            text_field="text", dtype=None, num_proc=None):
+    """Tokenize SOURCE into shards in OUT_DIR (see the module docstring); returns meta.json's contents."""
+    tok = get_tokenizer(tokenizer)
+    dtype = dtype or ("uint16" if tok.n_vocab <= 1 << 16 else "uint32")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r}: shards hold uint16 or uint32 tokens")
+    if tok.n_vocab - 1 > np.iinfo(DTYPES[dtype]).max:
+        raise ValueError(f"tokenizer {tokenizer!r} has {tok.n_vocab:,} ids, too many for dtype={dtype}: "
+                         f"use uint32 or leave dtype unset")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    settings = {"source": source, "tokenizer": tokenizer, "vocab_size": tok.n_vocab, "dtype": dtype, "eot": tok.eot,
+                "bos": tok.bos, "text_field": text_field, "val_target": val_tokens, "shard_tokens": shard_tokens}
+    meta = _resume(out_dir, settings)
+    if meta["done"] and (meta["exhausted"] or max_tokens is not None and meta["train_tokens"] >= max_tokens):
+        print(f"{out_dir}: already prepared: {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens")
+        return meta
+
+    t0 = shown = time.time()
+    before = meta["train_tokens"] + meta["val_tokens"]
+    meta.update(done=False, max_tokens=max_tokens)
+    documents = itertools.islice(_documents(source, text_field), meta["docs"], None)
+    split = "val" if meta["val_tokens"] < val_tokens else "train"
+    shard, shard_len, exhausted = [], 0, True
+    for tokens in _encode(_batches(documents), tokenizer, dtype, num_proc or os.cpu_count()):
+        meta["docs"] += 1
+        shard.append(tokens)
+        shard_len += len(tokens)
+        meta[f"{split}_tokens"] += len(tokens)
+        if split == "val" and meta["val_tokens"] >= val_tokens or shard_len >= shard_tokens:
+            _finish_shard(out_dir, meta, split, shard)
+            shard, shard_len, split = [], 0, "train" if meta["val_tokens"] >= val_tokens else "val"
+        if max_tokens is not None and meta["train_tokens"] >= max_tokens:
+            exhausted = False
+            break
+        if time.time() - shown > 1:
+            shown = time.time()
+            rate = (meta["train_tokens"] + meta["val_tokens"] - before) / (shown - t0)
+            done = f" ({meta['train_tokens'] / max_tokens:.0%})" if max_tokens else ""
+            print(f"\r{out_dir}: {meta['docs']:,} documents, {meta['val_tokens']:,} val + {meta['train_tokens']:,} "
+                  f"train tokens{done}, {rate:,.0f} tokens/s", end="", flush=True)
+    if shard_len:
+        _finish_shard(out_dir, meta, split, shard)
+    if shown > t0:
+        print()  # past the progress line
+    if meta["train_tokens"] == 0:
+        raise ValueError(f"source {source!r} gave {meta['docs']:,} documents and {meta['val_tokens']:,} tokens, "
+                         f"none left for training after the {val_tokens:,} validation tokens: give more data or a "
+                         f"smaller val_tokens")
+    meta.update(done=True, exhausted=exhausted)
+    _write_meta(out_dir, meta)
+    written = meta["train_tokens"] + meta["val_tokens"] - before
+    print(f"{out_dir}: wrote {written:,} tokens in {time.time() - t0:.1f}s; it holds {meta['train_tokens']:,} train "
+          f"and {meta['val_tokens']:,} val tokens from {meta['docs']:,} documents in {len(meta['shards'])} shards")
+    return meta
+
+
+def _resume(out_dir, settings):
+    """meta.json of an earlier run into out_dir, cut back to its intact shards; a fresh one if there is none."""
+    path = out_dir / "meta.json"
+    if not path.exists():
+        return {"version": VERSION, **settings, "docs": 0, "train_tokens": 0, "val_tokens": 0, "shards": [],
+                "done": False, "exhausted": False}
+    meta = json.loads(path.read_text())
+    changed = {k: (meta.get(k), v) for k, v in settings.items() if meta.get(k) != v}
+    if changed:
+        raise ValueError(f"{out_dir} holds data prepared with other settings {changed} (there, here): "
+                         f"use another out_dir, or delete {out_dir}")
+    for i, shard in enumerate(meta["shards"]):
+        try:
+            ok = len(read_shard(out_dir / shard["file"])) == shard["tokens"]
+        except (OSError, ValueError):
+            ok = False
+        if not ok:
+            print(f"{out_dir / shard['file']} is missing or broken: preparing again from there")
+            meta["shards"], meta["done"] = meta["shards"][:i], False
+            break
+    meta["docs"] = meta["shards"][-1]["docs_end"] if meta["shards"] else 0
+    for split in SPLITS:
+        meta[f"{split}_tokens"] = sum(s["tokens"] for s in meta["shards"] if s["split"] == split)
+    return meta
+
+
+def _batches(documents):
+    batch, chars = [], 0
+    for text in documents:
+        batch.append(text)
+        chars += len(text)
+        if chars >= BATCH_CHARS:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+def _encode(batches, tokenizer, dtype, num_proc):
+    """The token arrays of the documents, in order, tokenized by num_proc processes."""
+    with multiprocessing.Pool(num_proc, _start_worker, (tokenizer, dtype)) as pool:
+        # a bounded queue rather than pool.imap, which would read a streamed corpus far ahead into memory
+        pending = collections.deque()
+        for batch in batches:
+            pending.append(pool.apply_async(_encode_batch, (batch,)))
+            if len(pending) > 2 * num_proc:
+                yield from pending.popleft().get()
+        while pending:
+            yield from pending.popleft().get()
+
+
+def _start_worker(tokenizer, dtype):
+    global _worker
+    _worker = get_tokenizer(tokenizer), DTYPES[dtype]
+
+
+def _encode_batch(texts):
+    tok, dtype = _worker
+    # end-of-text before every document, so that documents (and shards) joined end to end stay separated
+    return [np.array([tok.eot] + tok.encode(text), dtype) if text else np.empty(0, dtype) for text in texts]
+
+
+def _finish_shard(out_dir, meta, split, tokens):
+    name = f"{split}_{sum(s['split'] == split for s in meta['shards']):06d}.bin"
+    tokens = np.concatenate(tokens)
+    write_shard(out_dir / name, tokens, meta["dtype"])
+    meta["shards"].append({"file": name, "split": split, "tokens": len(tokens), "docs_end": meta["docs"]})
+    _write_meta(out_dir, meta)
+
+
+def _write_meta(out_dir, meta):
+    tmp = out_dir / "meta.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=1))
+    os.replace(tmp, out_dir / "meta.json")
+
+
+# -----------------------------------------------------------------------------
+# Loader
+
+CHUNK_TOKENS = 1 << 16  # the unit of shuffling; a row that spans two chunks joins two unrelated places in the corpus
+
+
+class TokenLoader:
+    """Rows for either TST phase from one split, in the order the module docstring gives.
+
+    tokens: the split's size; position: tokens of the endless stream consumed by all ranks so far; epoch: position //
+    tokens, announced on rank 0 each time it grows; vocab_size: from meta.json.
+    """
+
+    def __init__(self, data_dir, split, batch_size, *, seed=0, rank=0, world_size=1, chunk_tokens=CHUNK_TOKENS):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in 0..world_size-1 = 0..{world_size - 1}")
+        self.data_dir, self.split, self.batch_size = Path(data_dir), split, batch_size
+        self.seed, self.rank, self.world_size, self.chunk_tokens = seed, rank, world_size, chunk_tokens
+        meta = load_meta(data_dir)
+        self.vocab_size = meta["vocab_size"]
+        shards = [s for s in meta["shards"] if s["split"] == split]
+        if not shards:
+            present = sorted({s["split"] for s in meta["shards"]})
+            raise ValueError(f"{data_dir} has no {split!r} split (it has {present}): prepare it with val_tokens > 0 "
+                             f"for a val split")
+        self._files = [self.data_dir / s["file"] for s in shards]
+        for path, shard in zip(self._files, shards):  # check every shard now rather than hours into a run
+            tokens = read_shard(path)
+            if len(tokens) != shard["tokens"] or tokens.dtype != DTYPES[meta["dtype"]]:
+                raise ValueError(f"{path} holds {len(tokens):,} {tokens.dtype} tokens, meta.json says "
+                                 f"{shard['tokens']:,} {meta['dtype']}: re-run {_command(meta, data_dir)}")
+        # chunk i is tokens [start, start + length) of shard _shard[i]
+        chunks = np.array([(i, start, min(chunk_tokens, s["tokens"] - start))
+                           for i, s in enumerate(shards) for start in range(0, s["tokens"], chunk_tokens)])
+        self._shard, self._start, self._length = chunks.T
+        self._dtype = DTYPES[meta["dtype"]]
+        self.tokens = sum(s["tokens"] for s in shards)
+        self.position = 0
+        self.epoch = 0
+        self._epoch_order = (None, None, None)  # the last epoch asked for, its order of chunks, where they end
+
+    def _order(self, epoch):
+        """The chunks in epoch `epoch`'s order, and where each ends in that epoch's stream."""
+        if self._epoch_order[0] != epoch:
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(self._length))
+            self._epoch_order = (epoch, order, np.cumsum(self._length[order]))
+        return self._epoch_order[1:]
+
+    def _read(self, position, n):
+        out = np.empty(n, self._dtype)
+        done = 0
+        while done < n:
+            epoch, q = divmod(position + done, self.tokens)
+            order, ends = self._order(epoch)
+            k = np.searchsorted(ends, q, side="right")  # the chunk that holds stream position q
+            c = order[k]
+            start = self._start[c] + q - (ends[k] - self._length[c])
+            take = min(n - done, ends[k] - q)
+            # map the shard for each read rather than keeping thousands open: no file-handle limit, and the pages
+            # read are not charged to this process for the whole run
+            out[done:done + take] = read_shard(self._files[self._shard[c]])[start:start + take]
+            done += take
+        return out
+
+    def next_rows(self, L):
+        """(batch_size, L+1) int64: this rank's rows of the next world_size*batch_size rows of L tokens (+1 label)."""
+        if L + 1 > self.tokens:
+            raise ValueError(f"a row of {L + 1:,} tokens is longer than the whole {self.split!r} split of "
+                             f"{self.data_dir} ({self.tokens:,} tokens): prepare more data (val_tokens for val) "
+                             f"or use a smaller T or s")
+        B = self.batch_size
+        tokens = self._read(self.position + self.rank * B * L, B * L + 1)
+        self.position += self.world_size * B * L
+        if self.position // self.tokens > self.epoch:
+            self.epoch = self.position // self.tokens
+            if self.rank == 0:
+                print(f"TokenLoader: the {self.split} split of {self.data_dir} ({self.tokens:,} tokens) has been "
+                      f"served in full; epoch {self.epoch} starts, repeating it in a new order", flush=True)
+        rows = np.lib.stride_tricks.sliding_window_view(tokens, L + 1)[::L]  # a view: row i starts at token i*L
+        return torch.from_numpy(rows.astype(np.int64))
+
+    def state_dict(self):
+        return {"split": self.split, "seed": self.seed, "tokens": self.tokens, "chunk_tokens": self.chunk_tokens,
+                "position": int(self.position)}
+
+    def load_state_dict(self, state):
+        mine = self.state_dict()
+        changed = {k: (state[k], mine[k]) for k in mine if k != "position" and state[k] != mine[k]}
+        if changed:
+            raise ValueError(f"the checkpoint's loader read another stream {changed} (checkpoint, here): resume "
+                             f"with the same data folder, split and seed")
+        self.position = state["position"]
+        self.epoch = self.position // self.tokens
+
+
+# -----------------------------------------------------------------------------
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--source", required=True, help="SOURCE, see above")
+    parser.add_argument("--tokenizer", required=True, help="bytes, gpt2, cl100k_base, o200k_base or llama3:PATH")
+    parser.add_argument("--out_dir", required=True)
+    count = lambda x: int(float(x))  # so that 105e9 works
+    parser.add_argument("--val_tokens", type=count, default=1_000_000, help="held out, from the first documents")
+    parser.add_argument("--shard_tokens", type=count, default=100_000_000)
+    parser.add_argument("--max_tokens", type=count, default=None, help="stop after this many train tokens")
+    parser.add_argument("--text_field", default="text", help="the text column of dataset sources")
+    parser.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: uint16 if the vocabulary fits")
+    parser.add_argument("--num_proc", type=int, default=None, help="tokenizer processes (default: all cores)")
+    args = parser.parse_args()
+    prepare(args.source, args.tokenizer, args.out_dir, val_tokens=args.val_tokens, shard_tokens=args.shard_tokens,
+            max_tokens=args.max_tokens, text_field=args.text_field, dtype=args.dtype, num_proc=args.num_proc)
