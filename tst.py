@@ -111,19 +111,17 @@ def mce_loss(logits, targets, weights):
 
     logits (..., V); targets (..., s) with IGNORE_INDEX for missing tokens; weights (s,).
     CE_i is the mean cross-entropy over the valid entries of target column i; a column with no valid entry
-    drops out. Every CE_i shares the log-normaliser lse(z), so one fused cross-entropy against column 0
-    gives it for all columns: lse = CE_0 + z[y_0], and CE_i = lse - z[y_i] needs only a gather. Time and
-    memory are those of one cross-entropy, at any s (the paper's loop of s cross-entropies costs s times).
-    With s = 1 this is exactly F.cross_entropy(logits, targets[..., 0], ignore_index=IGNORE_INDEX).
+    drops out. Every CE_i shares the log-normaliser, so the log-softmax is computed once and the s targets
+    are gathered from it: the same work as one F.cross_entropy (log_softmax + a gather) at any s, where the
+    paper's loop of s cross-entropies costs s times as much. With s = 1 this is exactly
+    F.cross_entropy(logits, targets[..., 0], ignore_index=IGNORE_INDEX).
     """
     s = targets.size(-1)
     logits = logits.reshape(-1, logits.size(-1))
     targets = targets.reshape(-1, s)
     valid = targets != IGNORE_INDEX
     safe = targets.masked_fill(~valid, 0)  # any index works where invalid: those terms are masked out
-    first_nll = F.cross_entropy(logits, safe[:, 0], reduction="none")  # lse - z[y_0], fused kernel
-    picked = logits.gather(1, safe).float()  # z[y_i], (N, s)
-    nll = first_nll.float().unsqueeze(1) + picked[:, :1] - picked  # lse - z[y_i]
+    nll = -F.log_softmax(logits, dim=-1).gather(1, safe).float()  # (N, s): lse - z[y_i]
     count = valid.sum(0)
     column_ce = (nll * valid).sum(0) / count.clamp(min=1)
     w = weights.to(column_ce.device) * (count > 0)
