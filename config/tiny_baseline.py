@@ -1,0 +1,23 @@
+# The tiny offline baseline: a 4-layer byte-level model on the bytes of Python's standard library.
+# Runs on a CPU in minutes; nothing is downloaded (train.py prepares data/stdlib_bytes on first use).
+out_dir = "out/tiny_baseline"
+data_dir = "data/stdlib_bytes"
+data_source = "stdlib"
+tokenizer = "bytes"
+
+dim = 128
+n_layers = 4
+n_heads = 4
+n_kv_heads = 4
+ffn_dim = 512
+max_seq_len = 128
+
+seq_len = 128
+batch_size = 16
+max_steps = 600
+lr = 3e-3
+warmup_steps = 30
+decay_frac = 0.1
+
+s = 1  # the baseline: no superposition phase
+r = 0.0
