@@ -17,6 +17,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 from dataclasses import fields
@@ -175,38 +176,72 @@ def checkpoint_path(out_dir, step):
     return Path(out_dir) / f"ckpt_{step:07d}.pt"
 
 
-def save_checkpoint(out_dir, step, state, keep_last, switch_step):
-    path = checkpoint_path(out_dir, step)
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-    latest = Path(out_dir) / "ckpt.pt"  # a link to the newest, the one --resume and eval.py read
-    tmp_link = latest.with_suffix(".lnk")
-    tmp_link.unlink(missing_ok=True)
-    tmp_link.symlink_to(path.name)
-    os.replace(tmp_link, latest)
-    keep = {checkpoint_path(out_dir, switch_step).name}
-    for old in sorted(Path(out_dir).glob("ckpt_*.pt"))[:-keep_last]:
-        if old.name not in keep:
-            old.unlink()
+def save_checkpoint(c, step, model, optimizer, train_state, switch_step, rank):
+    """One file written by rank 0, or under FSDP a folder of the same name in which every rank writes its own
+    shards (torch.distributed.checkpoint) beside rank 0's train_state.pt. Either way it is written under a
+    temporary name and renamed when complete, so a killed run never leaves a half-written checkpoint."""
+    out = Path(c["out_dir"])
+    path, tmp = checkpoint_path(out, step), checkpoint_path(out, step).with_suffix(".tmp")
+    if c["fsdp"]:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        dist.barrier()
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=tmp)
+        if rank == 0:
+            torch.save(train_state, tmp / "train_state.pt")
+    elif rank == 0:
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), **train_state}, tmp)
+    if rank == 0:
+        if path.is_dir():  # the switch checkpoint saved again by a run resumed from it
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+        latest = out / "ckpt.pt"  # a link to the newest, the one --resume and eval.py read
+        tmp_link = latest.with_suffix(".lnk")
+        tmp_link.unlink(missing_ok=True)
+        tmp_link.symlink_to(path.name)
+        os.replace(tmp_link, latest)
+        keep = {checkpoint_path(out, switch_step).name}
+        for old in sorted(out.glob("ckpt_*.pt"))[:-c["keep_last"]]:
+            if old.name not in keep:
+                shutil.rmtree(old) if old.is_dir() else old.unlink()
+    if dist.is_initialized():
+        dist.barrier()
     return path
 
 
-def load_checkpoint(path, config):
+def load_checkpoint(path, config, model, optimizer):
+    """Restores model and optimizer in place; returns the rest of the checkpoint (step, loader, RNG, ...)."""
+    path = path.resolve()
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path / "train_state.pt" if path.is_dir() else path, map_location="cpu", weights_only=False)
     except Exception as e:
         raise RuntimeError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); it is corrupt or "
                            f"truncated: resume from an older ckpt_*.pt by pointing ckpt.pt at it") from e
-    if not isinstance(ckpt, dict) or not {"model", "optimizer", "config", "step", "loader"} <= ckpt.keys():
-        raise RuntimeError(f"{path} is not a train.py checkpoint (expected model, optimizer, config, step, loader)")
-    differing = {k: (ckpt["config"].get(k), config[k]) for k in config
-                 if k not in RESUMABLE_KEYS and ckpt["config"].get(k) != config[k]}
+    if not isinstance(state, dict) or not {"config", "step", "loader", "rng"} <= state.keys():
+        raise RuntimeError(f"{path} is not a train.py checkpoint (expected config, step, loader, rng)")
+    differing = {k: (state["config"].get(k), config[k]) for k in config
+                 if k not in RESUMABLE_KEYS and state["config"].get(k) != config[k]}
     if differing:
         lines = "\n".join(f"  {k}: checkpoint {old!r}, this run {new!r}" for k, (old, new) in differing.items())
         raise RuntimeError(f"checkpoint {path} was written by a run with other settings:\n{lines}\n"
                            f"resume with the checkpoint's settings or start a new out_dir")
-    return ckpt
+    if path.is_dir():
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        shards = {"model": model_state, "optimizer": optimizer_state}
+        try:
+            dcp.load(shards, checkpoint_id=path)
+        except Exception as e:
+            raise RuntimeError(f"the shards of checkpoint {path} cannot be read ({type(e).__name__}: {e})") from e
+        set_state_dict(model, optimizer, model_state_dict=shards["model"], optim_state_dict=shards["optimizer"])
+    else:
+        model.load_state_dict(state.pop("model"))
+        optimizer.load_state_dict(state.pop("optimizer"))
+    return state
 
 
 def truncate_log(path, step):
@@ -342,9 +377,7 @@ def main(argv):
     if c["resume"]:
         if not ckpt_file.exists():
             raise FileNotFoundError(f"--resume=True but {ckpt_file} does not exist: nothing to resume")
-        ckpt = load_checkpoint(ckpt_file, c)
-        raw_model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        ckpt = load_checkpoint(ckpt_file, c, raw_model, optimizer)
         train_loader.load_state_dict(ckpt["loader"])
         set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
         start_step, totals = ckpt["step"], ckpt["totals"]
@@ -462,21 +495,16 @@ def main(argv):
 
         # ---- checkpoints: every ckpt_interval steps, at the switch and at the end
         if done % c["ckpt_interval"] == 0 or done == c["max_steps"] or (done == switch):
-            state = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "model_config": model_cfg.to_dict(), "config": c, "step": done, "phase": phase,
-                     "loader": train_loader.state_dict(), "totals": dict(totals), "loss": loss_value}
             rngs = [None] * world
             if world > 1:
                 dist.all_gather_object(rngs, rng_state())
             else:
                 rngs = [rng_state()]
-            state["rng"] = rngs
-            if master:
-                path = save_checkpoint(c["out_dir"], done, state, c["keep_last"], switch)
-                if done == switch:
-                    print(f"saved the phase-switch checkpoint {path}")
-            if ddp:
-                dist.barrier()
+            train_state = {"model_config": model_cfg.to_dict(), "config": c, "step": done, "phase": phase,
+                           "loader": train_loader.state_dict(), "totals": dict(totals), "loss": loss_value, "rng": rngs}
+            path = save_checkpoint(c, done, raw_model, optimizer, train_state, switch, rank)
+            if master and done == switch:
+                print(f"saved the phase-switch checkpoint {path}")
     if master:
         log_file.close()
         print(f"done: {c['max_steps']} steps, {totals['positions']:,} positions, {totals['data_tokens']:,} data tokens, "

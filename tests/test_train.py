@@ -187,27 +187,36 @@ def test_missing_data_names_the_command_to_prepare_it(tmp_path):
         train.main(settings(tmp_path / "nothing", tmp_path / "run", data_source="dclm"))
 
 
-DDP_SCRIPT = """
-import os, sys, torch
+DISTRIBUTED_SCRIPT = """
+import os, sys, torch, torch.distributed as dist
 sys.path.insert(0, {root!r})
 import train
+destroy, dist.destroy_process_group = dist.destroy_process_group, lambda: None  # gather the weights first
 model = train.main(sys.argv[1:])
-torch.save(model.state_dict(), os.path.join({out!r}, f"rank{{os.environ['RANK']}}.pt"))
+state = {{k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in model.state_dict().items()}}
+destroy()
+torch.save(state, os.path.join(os.environ["WEIGHTS_DIR"], f"rank{{os.environ['RANK']}}.pt"))
 """
 
 
-def test_ddp_two_processes_match_one_process_with_the_global_batch(data_dir, tmp_path):
-    script = tmp_path / "ddp_run.py"
-    script.write_text(DDP_SCRIPT.format(root=str(ROOT), out=str(tmp_path)))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", str(script),
+def torchrun(tmp_path, args, port):
+    """Two processes under torchrun (gloo on CPU); returns each rank's final weights."""
+    script = tmp_path / "distributed_run.py"
+    script.write_text(DISTRIBUTED_SCRIPT.format(root=str(ROOT)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", str(script),
            "--",  # everything after it is the script's: torchrun's parser would take --s and --r for its own options
-           *settings(data_dir, tmp_path / "ddp", max_steps=6, batch_size=2, global_batch_tokens=128)]
+           *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WEIGHTS_DIR": str(tmp_path)}
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    rank0, rank1 = (torch.load(tmp_path / f"rank{i}.pt") for i in (0, 1))
-    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)  # gradients were synchronised
+    assert result.returncode == 0, result.stderr[-5000:]
+    return [torch.load(tmp_path / f"rank{i}.pt") for i in (0, 1)]
+
+
+def test_ddp_two_processes_match_one_process_with_the_global_batch(data_dir, tmp_path):
     # 2 ranks x 2 rows x 2 micro-steps are the same global batch as 1 process x 8 rows: disjoint rows, none lost
+    rank0, rank1 = torchrun(tmp_path, settings(data_dir, tmp_path / "ddp", max_steps=6, batch_size=2,
+                                               global_batch_tokens=128), port=29517)
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)  # gradients were synchronised
     single = train.main(settings(data_dir, tmp_path / "single", max_steps=6, batch_size=8))
     ddp_log, single_log = read_log(tmp_path / "ddp"), read_log(tmp_path / "single")
     assert [r["phase"] for r in ddp_log] == [r["phase"] for r in single_log] == [1] + [2] * 5
@@ -216,3 +225,23 @@ def test_ddp_two_processes_match_one_process_with_the_global_batch(data_dir, tmp
         assert abs(a["loss"] - b["loss"]) < 1e-4
     for k, v in single.state_dict().items():
         torch.testing.assert_close(rank0[k], v, atol=1e-4, rtol=1e-3)
+
+
+def test_fsdp_matches_one_process_and_resumes_exactly_from_sharded_checkpoints(data_dir, tmp_path):
+    fsdp = dict(fsdp=True, max_steps=6, batch_size=4)
+    full = torchrun(tmp_path, settings(data_dir, tmp_path / "full", **fsdp), port=29518)[0]
+    assert (tmp_path / "full" / "ckpt_0000003.pt" / "train_state.pt").exists()  # a folder of shards
+    single = train.main(settings(data_dir, tmp_path / "single", max_steps=6, batch_size=8))
+    for a, b in zip(read_log(tmp_path / "full"), read_log(tmp_path / "single")):
+        assert abs(a["loss"] - b["loss"]) < 1e-4
+    for k, v in single.state_dict().items():
+        torch.testing.assert_close(full[k], v, atol=1e-4, rtol=1e-3)
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "full", resumed_dir, symlinks=True)
+    (resumed_dir / "ckpt.pt").unlink()
+    (resumed_dir / "ckpt.pt").symlink_to("ckpt_0000003.pt")
+    resumed = torchrun(tmp_path, settings(data_dir, resumed_dir, resume=True, **fsdp), port=29519)[0]
+    keys = ("step", "phase", "loss", "grad_norm", "data_tokens")
+    assert [{k: r[k] for k in keys} for r in read_log(resumed_dir)] == \
+        [{k: r[k] for k in keys} for r in read_log(tmp_path / "full")]
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
