@@ -403,9 +403,10 @@ def main(argv):
               f"{flops_per_position / 1e6:.1f} MFLOP per position; {world} process(es) on {device.type}, {c['dtype']}")
         print(f"weights + gradients + AdamW moments (fp32): ~{16 * n / (world if c['fsdp'] else 1) / 2**30:.2f} GiB "
               f"per device, before activations")
-        print(f"steps 0-{switch - 1}: phase 1 (s={s}, mode={mode}, weights={c['weights']}), rows of "
-              f"{tst.data_tokens_per_row(T, s, 1, mode) + 1} tokens; steps {switch}-{c['max_steps'] - 1}: phase 2, "
-              f"rows of {T + 1}. {rows_per_step} rows x {T} positions per step ({grad_accum} micro-steps)")
+        phase1 = (f"steps 0-{switch - 1}: phase 1 (s={s}, mode={mode}, weights={c['weights']}), rows of "
+                  f"{tst.data_tokens_per_row(T, s, 1, mode) + 1} tokens; " if switch else "no superposition phase; ")
+        print(f"{phase1}steps {switch}-{c['max_steps'] - 1}: phase 2, rows of {T + 1}. "
+              f"{rows_per_step} rows x {T} positions per step ({grad_accum} micro-step{'s' * (grad_accum > 1)})")
 
     # ---- the loop
     step_time, loss_value = time.time(), float("nan")
