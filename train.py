@@ -112,7 +112,7 @@ def parse_config(argv):
                 value = ast.literal_eval(text)
             except (ValueError, SyntaxError):
                 value = text  # a bare string
-            if isinstance(DEFAULTS.get(key), str):
+            if isinstance(DEFAULTS.get(key), str) and not isinstance(value, list):
                 value = text  # a string setting keeps what was typed, even "1e-3" or "True"
             assign(key, value, arg)
         else:
@@ -142,6 +142,7 @@ def check_config(c, world_size=1):
     need(c["seq_len"] >= 1 and c["batch_size"] >= 1, "seq_len and batch_size must be >= 1")
     need(c["seq_len"] <= c["max_seq_len"], f"seq_len={c['seq_len']} exceeds max_seq_len={c['max_seq_len']}")
     need(c["lr"] > 0, f"lr={c['lr']}: must be > 0")
+    need(c["grad_clip"] >= 0, f"grad_clip={c['grad_clip']}: must be >= 0 (0 = no clipping)")
     need(0 <= c["decay_frac"] <= 1, f"decay_frac={c['decay_frac']}: must be in [0, 1]")
     need(0 <= c["warmup_steps"] <= c["max_steps"] - round(c["decay_frac"] * c["max_steps"]),
          f"warmup_steps={c['warmup_steps']}: must fit before the decay (max_steps={c['max_steps']}, "
@@ -389,11 +390,15 @@ def main(argv):
         (Path(c["out_dir"]) / "config.json").write_text(json.dumps(c, indent=2) + "\n")
     log_file = open(Path(c["out_dir"]) / "log.jsonl", "a") if master else None
     if master and c["wandb_project"]:
-        import wandb  # optional: only when asked for
+        try:
+            import wandb  # optional: only when asked for
+        except ImportError:
+            raise ValueError(f"wandb_project={c['wandb_project']!r} but wandb is not installed: pip install wandb")
         wandb.init(project=c["wandb_project"], name=Path(c["out_dir"]).name, config=c, resume="allow")
 
     # ---- accounting: positions (what the transformer processed: FLOPs) and data tokens are different numbers
     switch = tst.switch_step(c["r"], c["max_steps"], s)  # TST
+    bag_weights, token_weight = tst.bag_weights(s, c["weights"]), tst.bag_weights(1)  # TST
     flops_per_position = model_cfg.flops_per_position(T)
     peak = c["peak_flops"] or (989e12 if device.type == "cuda" else 0.0)
     if master:
@@ -423,7 +428,6 @@ def main(argv):
             if c["reset_optimizer_at_switch"]:
                 optimizer.state.clear()
         row_tokens = tst.data_tokens_per_row(T, s, phase, mode)  # TST
-        weights = tst.bag_weights(s if phase == 1 and mode != "input" else 1, c["weights"] if phase == 1 else "uniform")
         lr = lr_at(step, c)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -440,13 +444,14 @@ def main(argv):
             if device.type == "cuda":
                 rows = rows.pin_memory().to(device, non_blocking=True)
             x, y = tst.batch(rows, s, phase, mode)  # TST: bags and next-bag targets in phase 1
+            weights = bag_weights if y.size(-1) > 1 else token_weight  # TST
             with autocast:
                 logits, aux_loss = model(x, return_aux_loss=True)
             loss = tst.mce_loss(logits.float(), y, weights)  # MCE in phase 1, plain CE in phase 2
             ((loss + aux_loss) / grad_accum).backward()
             loss_sum += loss.detach()
             aux_sum += aux_loss.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), c["grad_clip"])
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), c["grad_clip"] or math.inf)  # 0: no clipping
         if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
             grad_norm = grad_norm.full_tensor()
         stats = torch.stack([loss_sum, aux_sum]) / grad_accum

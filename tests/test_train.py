@@ -245,3 +245,30 @@ def test_fsdp_matches_one_process_and_resumes_exactly_from_sharded_checkpoints(d
     assert [{k: r[k] for k in keys} for r in read_log(resumed_dir)] == \
         [{k: r[k] for k in keys} for r in read_log(tmp_path / "full")]
     assert all(torch.equal(full[k], resumed[k]) for k in full)
+
+
+@pytest.mark.parametrize("mode,per_position", [("input", 4), ("output", 1)])
+def test_ablation_modes_consume_the_right_data(data_dir, tmp_path, mode, per_position):
+    train.main(settings(data_dir, tmp_path / "run", tst_mode=mode, weights="[1, 2, 3, 4]", max_steps=4))
+    first = read_log(tmp_path / "run")[0]
+    assert first["phase"] == 1 and first["data_tokens"] == per_position * first["positions"]
+
+
+def switch_run(data_dir, run, **overrides):
+    # two steps, the switch after the first, a learning rate too small to move anything
+    train.main(settings(data_dir, run, max_steps=2, r=0.5, lr=1e-9, warmup_steps=0, **overrides))
+    return [torch.load(run / f"ckpt_{k:07d}.pt", weights_only=False) for k in (1, 2)]
+
+
+def test_reinit_at_switch_replaces_embedding_and_head_only(data_dir, tmp_path):
+    for reinit in (False, True):
+        before, after = switch_run(data_dir, tmp_path / str(reinit), reinit_at_switch=reinit)
+        for key, state in before["model"].items():
+            changed = not torch.allclose(state, after["model"][key], atol=1e-6)
+            assert changed == (reinit and key in ("embed.weight", "lm_head.weight")), key
+
+
+def test_reset_optimizer_at_switch_drops_the_moments(data_dir, tmp_path):
+    for reset, steps_seen in ((False, 2), (True, 1)):
+        _, after = switch_run(data_dir, tmp_path / str(reset), reset_optimizer_at_switch=reset)
+        assert {int(v["step"]) for v in after["optimizer"]["state"].values()} == {steps_seen}
