@@ -386,8 +386,13 @@ def main(argv):
         if master:
             print(f"resumed from {ckpt_file.resolve().name} at step {start_step}")
             truncate_log(Path(c["out_dir"]) / "log.jsonl", start_step)
+    elif any(Path(c["out_dir"]).glob("ckpt_*.pt")):
+        raise FileExistsError(f"out_dir={c['out_dir']} holds another run's checkpoints: continue it with "
+                              f"--resume=True, or give this run a new out_dir")
     if master:
         (Path(c["out_dir"]) / "config.json").write_text(json.dumps(c, indent=2) + "\n")
+        if not c["resume"]:
+            (Path(c["out_dir"]) / "log.jsonl").unlink(missing_ok=True)  # a run that died before its first checkpoint
     log_file = open(Path(c["out_dir"]) / "log.jsonl", "a") if master else None
     if master and c["wandb_project"]:
         try:
@@ -523,7 +528,7 @@ def main(argv):
 if __name__ == "__main__":
     try:
         main(sys.argv[1:])
-    except (ValueError, FileNotFoundError, RuntimeError, FloatingPointError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, FloatingPointError) as e:
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

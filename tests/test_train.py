@@ -272,3 +272,9 @@ def test_reset_optimizer_at_switch_drops_the_moments(data_dir, tmp_path):
     for reset, steps_seen in ((False, 2), (True, 1)):
         _, after = switch_run(data_dir, tmp_path / str(reset), reset_optimizer_at_switch=reset)
         assert {int(v["step"]) for v in after["optimizer"]["state"].values()} == {steps_seen}
+
+
+def test_a_fresh_run_refuses_a_folder_with_checkpoints(data_dir, tmp_path):
+    train.main(settings(data_dir, tmp_path / "run", max_steps=2))
+    with pytest.raises(FileExistsError, match="--resume=True, or give this run a new out_dir"):
+        train.main(settings(data_dir, tmp_path / "run", max_steps=2))
