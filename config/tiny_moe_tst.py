@@ -1,0 +1,40 @@
+# A mixture-of-experts TST run small enough for a laptop CPU: bytes of the Python standard library, 2 layers of
+# width 64, 8 experts of 64 with top-2 and a shared expert (280k parameters, 132k active), bags of s = 4 for the
+# first 30% of 300 steps. About 35 s on 2 cores (final val loss 2.72); on a busy machine OMP_NUM_THREADS=1
+# keeps it there (many small matmuls: OpenMP's thread barriers stall when other processes share the cores).
+#   OMP_NUM_THREADS=1 python train.py config/tiny_moe_tst.py
+out_dir = "out/tiny_moe_tst"
+data_dir = "data/stdlib_bytes"
+vocab_size = 0  # from the data (bytes)
+
+dim = 64
+n_layers = 2
+n_heads = 4
+n_kv_heads = 2
+qk_norm = True
+max_seq_len = 128
+n_experts = 8
+top_k = 2
+expert_ffn_dim = 64
+shared_expert_ffn_dim = 64
+balance = "aux"
+aux_loss_coef = 0.01
+
+seq_len = 128
+batch_size = 16
+global_batch_tokens = 16 * 128
+max_steps = 300
+lr = 3e-3
+warmup_steps = 30
+decay_frac = 0.2
+weight_decay = 0.1
+
+s = 4
+r = 0.3
+tst_mode = "full"
+weights = "uniform"
+
+eval_interval = 100
+eval_iters = 10
+fsdp = False
+compile = False

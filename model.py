@@ -1,0 +1,445 @@
+"""A Llama-3-style dense transformer (and, with n_experts > 0, a Qwen3-style mixture of experts).
+
+Pre-norm RMSNorm, rotary position embeddings (rotate-half convention, as Hugging Face's Llama, so an
+export is a renaming), grouped-query attention through scaled_dot_product_attention, SwiGLU feed-forward,
+no biases, untied input embedding and LM head by default, optional QK-norm (Qwen3). The one TST line is
+in `Transformer.forward`: a (B, T, s) input of bags is embedded by `tst.bag_embed`.
+
+Initialisation (GPT-2 / nanoGPT): every weight matrix and the embedding ~ N(0, 0.02); the projections that
+write into the residual stream (attention output, MLP down, every expert's down) ~ N(0, 0.02 / sqrt(2 *
+n_layers)) so the residual's variance does not grow with depth; RMSNorm weights 1.
+
+Mixture of experts (n_experts > 0, Qwen3-MoE style): every block's MLP becomes a `MoE`. A linear router and a
+softmax give each position a distribution over the experts; the top_k are kept and renormalised to sum to 1;
+the position's output is the weighted sum of those experts' SwiGLU outputs (plus an optional shared expert).
+Dropless: every position reaches exactly top_k experts, however unbalanced the routing. Load balancing is
+Qwen3's auxiliary loss (balance="aux") or torchtitan's auxiliary-loss-free expert bias (balance="bias").
+Phase 1 of TST routes latent (bag) positions like any other position.
+"""
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+import tst
+
+LLAMA3_VOCAB = 128_256
+BALANCE = ("aux", "bias", "none")
+EXPERTS_IMPL = ("auto", "loop", "grouped")
+# torch's grouped GEMM: public in recent releases, private (CUDA sm90 only) before. The CPU build of torch 2.13
+# has a kernel too (any float dtype, rows 16-byte aligned); CUDA needs bfloat16 (sm80+ in recent releases).
+GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 257
+    dim: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 4  # = n_heads: full multi-head attention; fewer: grouped-query attention
+    ffn_dim: int = 512
+    rope_theta: float = 500_000.0  # Llama 3's
+    norm_eps: float = 1e-5
+    max_seq_len: int = 2048
+    tie_embeddings: bool = False
+    qk_norm: bool = False  # RMSNorm on each query and key head before RoPE (Qwen3)
+    no_rope_layers: list = field(default_factory=list)  # layer indices without RoPE (SmolLM3: every 4th)
+    init_std: float = 0.02
+    # mixture of experts (0 experts: the dense model above, and every field below is unused)
+    n_experts: int = 0
+    top_k: int = 0  # experts per position
+    expert_ffn_dim: int = 0  # hidden width of each expert's SwiGLU (ffn_dim is unused when n_experts > 0)
+    shared_expert_ffn_dim: int = 0  # 0: no shared expert; else a dense SwiGLU every position also runs
+    balance: str = "aux"  # "aux": Qwen3's load-balancing loss; "bias": aux-loss-free expert bias; "none"
+    aux_loss_coef: float = 0.001
+    bias_update_rate: float = 1e-3
+    experts_impl: str = "auto"  # "loop" (the reference), "grouped" (torch's grouped GEMM), "auto": grouped on CUDA
+
+    def __post_init__(self):
+        if self.dim % self.n_heads != 0:
+            raise ValueError(f"dim={self.dim} must be a multiple of n_heads={self.n_heads}")
+        if self.n_heads % self.n_kv_heads != 0:
+            raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
+        if (self.dim // self.n_heads) % 2 != 0:
+            raise ValueError(f"head_dim={self.dim // self.n_heads} must be even for RoPE")
+        bad = [i for i in self.no_rope_layers if not 0 <= i < self.n_layers]
+        if bad:
+            raise ValueError(f"no_rope_layers {bad} are not layers of a {self.n_layers}-layer model")
+        self.no_rope_layers = list(self.no_rope_layers)
+        if self.n_experts < 0:
+            raise ValueError(f"n_experts={self.n_experts} must be >= 0 (0 = dense)")
+        if self.n_experts == 0:
+            moe_only = {k: getattr(self, k) for k in ("top_k", "expert_ffn_dim", "shared_expert_ffn_dim")}
+            if any(moe_only.values()):
+                raise ValueError(f"{moe_only} are set but n_experts=0 (dense): set n_experts or leave them 0")
+            return
+        if not 1 <= self.top_k <= self.n_experts:
+            raise ValueError(f"top_k={self.top_k} must be between 1 and n_experts={self.n_experts}")
+        if self.expert_ffn_dim <= 0:
+            raise ValueError(f"expert_ffn_dim={self.expert_ffn_dim} must be > 0 for a mixture of experts")
+        if self.shared_expert_ffn_dim < 0:
+            raise ValueError(f"shared_expert_ffn_dim={self.shared_expert_ffn_dim} must be >= 0 (0 = none)")
+        if self.balance not in BALANCE:
+            raise ValueError(f"unknown balance {self.balance!r}: use one of {BALANCE}")
+        if self.aux_loss_coef < 0 or self.bias_update_rate < 0:
+            raise ValueError(f"aux_loss_coef={self.aux_loss_coef} and bias_update_rate={self.bias_update_rate} "
+                             f"must be >= 0")
+        if self.experts_impl not in EXPERTS_IMPL:
+            raise ValueError(f"unknown experts_impl {self.experts_impl!r}: use one of {EXPERTS_IMPL}")
+        if self.experts_impl == "grouped":
+            if GROUPED_MM is None:
+                raise ValueError(f"experts_impl='grouped' needs torch.nn.functional.grouped_mm or torch._grouped_mm, "
+                                 f"which torch {torch.__version__} lacks: use 'loop'")
+            if not self.grouped_mm_aligned:
+                raise ValueError(f"experts_impl='grouped' needs dim={self.dim} and expert_ffn_dim="
+                                 f"{self.expert_ffn_dim} to be multiples of 8 (16-byte rows): use 'loop'")
+
+    @property
+    def grouped_mm_aligned(self):
+        return self.dim % 8 == 0 and self.expert_ffn_dim % 8 == 0
+
+    @property
+    def head_dim(self):
+        return self.dim // self.n_heads
+
+    def to_dict(self):
+        return asdict(self)
+
+    def num_params(self, embedding=True, active=False):
+        """Parameters of the model this config builds (a tied LM head counted once).
+
+        embedding=False leaves out the input embedding and the LM head (the 'non-embedding' count).
+        active=True counts what one position uses: of each MoE layer's experts only top_k (the router, the
+        shared expert, attention, norms, embedding and head in full). The same as the total for a dense model.
+        The expert bias is a buffer, not a parameter.
+        """
+        d, hd = self.dim, self.head_dim
+        attention = d * hd * (2 * self.n_heads + 2 * self.n_kv_heads) + (2 * hd if self.qk_norm else 0)
+        if self.n_experts:
+            experts = self.top_k if active else self.n_experts
+            ffn = self.n_experts * d + experts * 3 * d * self.expert_ffn_dim + 3 * d * self.shared_expert_ffn_dim
+        else:
+            ffn = 3 * d * self.ffn_dim
+        layer = attention + ffn + 2 * d  # + the two RMSNorms
+        body = self.n_layers * layer + d  # + the final norm
+        if not embedding:
+            return body
+        return body + self.vocab_size * d * (1 if self.tie_embeddings else 2)
+
+    def flops_per_position(self, seq_len):
+        """Training FLOPs (forward + backward) per position, counted as nanoGPT and torchtitan count them.
+
+        6 * N for the matrix multiplies, with N = every ACTIVE parameter except the input embedding (a lookup,
+        not a matmul; a tied LM head still counts), plus 12 * n_layers * n_heads * head_dim * seq_len for
+        attention scores and values over the full T x T square (causal masking is not discounted).
+        For a mixture of experts N counts the router, top_k experts and the shared expert: MFU is measured
+        against the compute a position really costs. The gather, the weighted combine of the top_k outputs
+        and the softmax are not counted (O(top_k * dim) per position, like the norms).
+        The same in both TST phases: the bag mean is s lookups, not a matmul.
+        """
+        matmul_params = self.num_params(active=True) - (0 if self.tie_embeddings else self.vocab_size * self.dim)
+        return 6 * matmul_params + 12 * self.n_layers * self.n_heads * self.head_dim * seq_len
+
+
+# The paper's shapes (METHOD.md): SmolLM2 / SmolLM3 shapes run through Llama-3 code with the Llama-3
+# tokenizer, untied. With full multi-head attention the two small ones count 267M and 600M, which is what
+# the paper's names say; SmolLM2's own grouped KV heads (3 and 5) would give 254M and 561M. The 3B keeps
+# SmolLM3's 4 KV heads and counts 3.34B ("3B" is a label).
+# The paper names its MoE only "Qwen3-style 10B-A1B". Ours keeps Qwen3-30B-A3B's depth (48), head size (128),
+# QK-norm, 128 experts with top-8 and no shared expert, at width 1024 with 2 KV heads and experts of 512: with
+# the Llama-3 vocabulary (untied) it counts 10,058,576,896 parameters, 998,880,256 active per position.
+NAMED_SHAPES = {
+    "270m": ModelConfig(vocab_size=LLAMA3_VOCAB, dim=576, n_layers=30, n_heads=9, n_kv_heads=9, ffn_dim=1536),
+    "600m": ModelConfig(vocab_size=LLAMA3_VOCAB, dim=960, n_layers=32, n_heads=15, n_kv_heads=15, ffn_dim=2560),
+    "3b": ModelConfig(vocab_size=LLAMA3_VOCAB, dim=2048, n_layers=36, n_heads=16, n_kv_heads=4, ffn_dim=11008),
+    "10b-a1b": ModelConfig(vocab_size=LLAMA3_VOCAB, dim=1024, n_layers=48, n_heads=8, n_kv_heads=2, qk_norm=True,
+                           n_experts=128, top_k=8, expert_ffn_dim=512, max_seq_len=4096),
+}
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalise in float32, scale after casting back (as Llama and Hugging Face do)
+        return self.weight * F.rms_norm(x.float(), (x.size(-1),), eps=self.eps).type_as(x)
+
+
+def rope_tables(seq_len, head_dim, theta, device):
+    """cos and sin of the rotary angles, (seq_len, head_dim), float32."""
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """x (B, T, heads, head_dim): rotate pairs (i, i + head_dim/2) by the position's angle."""
+    half = x.size(-1) // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    return (x.float() * cos + rotated.float() * sin).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg, use_rope):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.use_rope = use_rope
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+        self.qk_norm = cfg.qk_norm
+
+    def forward(self, x, cos, sin):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.use_rope:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        # grouped-query attention: each KV head serves n_heads / n_kv_heads query heads
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.w_gate = nn.Linear(dim, hidden, bias=False)
+        self.w_up = nn.Linear(dim, hidden, bias=False)
+        self.w_down = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x):
+        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+
+
+class Experts(nn.Module):
+    """n_experts SwiGLU MLPs stored as three stacked weights, so that a grouped GEMM can run them in one call.
+
+    w_gate, w_up (E, hidden, dim) and w_down (E, dim, hidden): row e is expert e's nn.Linear weight, which
+    makes an export to Hugging Face's per-expert gate_proj / up_proj / down_proj a slicing.
+    Input: x (M, dim) sorted by expert, counts (E,) rows per expert (their sum is M). Output (M, dim).
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        E, d, h = cfg.n_experts, cfg.dim, cfg.expert_ffn_dim
+        self.w_gate = nn.Parameter(torch.empty(E, h, d))
+        self.w_up = nn.Parameter(torch.empty(E, h, d))
+        self.w_down = nn.Parameter(torch.empty(E, d, h))
+        for w in (self.w_gate, self.w_up, self.w_down):  # Transformer.init_weights scales w_down by depth
+            nn.init.normal_(w, 0.0, cfg.init_std)
+        self.impl = cfg.experts_impl
+        self.aligned = cfg.grouped_mm_aligned
+
+    def forward(self, x, counts):
+        auto = x.is_cuda and GROUPED_MM is not None and self.aligned
+        grouped = self.impl == "grouped" or (self.impl == "auto" and auto)
+        return self.grouped(x, counts) if grouped else self.loop(x, counts)
+
+    def loop(self, x, counts):
+        """The reference: one expert after another, each on its own rows (a host sync for the split sizes)."""
+        out = []
+        # unbind, not w[e]: the backward of one unbind stacks the experts' gradients once, where E separate
+        # index operations would each write a zero-filled gradient of the whole (E, ...) weight
+        experts = zip(self.w_gate.unbind(0), self.w_up.unbind(0), self.w_down.unbind(0))
+        for rows, (w_gate, w_up, w_down) in zip(x.split(counts.tolist()), experts):
+            out.append((F.silu(rows @ w_gate.t()) * (rows @ w_up.t())) @ w_down.t())
+        return torch.cat(out)
+
+    def grouped(self, x, counts):
+        """The same three products for all experts at once: group e is rows offs[e-1]:offs[e]. No host sync."""
+        offs = counts.cumsum(0).to(torch.int32)
+        w_gate, w_up, w_down, h = self.w_gate, self.w_up, self.w_down, x
+        if x.is_cuda or torch.compiler.is_compiling():  # CUDA's kernel (and compile's shape rule) take bfloat16 only
+            w_gate, w_up, w_down, h = w_gate.bfloat16(), w_up.bfloat16(), w_down.bfloat16(), h.bfloat16()
+        h = F.silu(GROUPED_MM(h, w_gate.transpose(1, 2), offs=offs)) * GROUPED_MM(h, w_up.transpose(1, 2), offs=offs)
+        return GROUPED_MM(h, w_down.transpose(1, 2), offs=offs).type_as(x)
+
+
+class MoE(nn.Module):
+    """Qwen3-MoE feed-forward: router, softmax, top-k renormalised, SwiGLU experts, optional shared expert.
+
+    forward(x (B, T, dim)) -> (out (B, T, dim), aux) with aux the unscaled load-balancing loss of this layer
+    (balance="aux") or None. In a training step (train mode, gradients on) the layer also counts the positions
+    routed to each expert into `tokens_per_expert` (read and reset by Transformer.pop_expert_load).
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_experts, self.top_k, self.balance = cfg.n_experts, cfg.top_k, cfg.balance
+        self.bias_update_rate = cfg.bias_update_rate
+        self.router = nn.Linear(cfg.dim, cfg.n_experts, bias=False)
+        self.experts = Experts(cfg)
+        self.shared = MLP(cfg.dim, cfg.shared_expert_ffn_dim) if cfg.shared_expert_ffn_dim else None
+        # Added to the routing probabilities to choose the experts (balance="bias"), never to weight them. Kept in
+        # the state dict (a resumed run routes as before) and in float32: updates of 1e-3 vanish in bfloat16.
+        self.register_buffer("expert_bias", torch.zeros(cfg.n_experts))
+        # an integer count stays exact and survives model.to(bfloat16)
+        self.register_buffer("tokens_per_expert", torch.zeros(cfg.n_experts, dtype=torch.long), persistent=False)
+
+    def route(self, x):
+        """x (N, dim) -> probs (N, E) float32, chosen experts (N, k), their renormalised weights (N, k) float32."""
+        probs = self.router(x).float().softmax(dim=-1)
+        scores = probs + self.expert_bias if self.balance == "bias" else probs
+        chosen = scores.topk(self.top_k, dim=-1).indices
+        weights = probs.gather(1, chosen)
+        return probs, chosen, weights / weights.sum(dim=-1, keepdim=True)
+
+    def forward(self, x):
+        B, T, d = x.shape
+        x = x.reshape(B * T, d)
+        probs, chosen, weights = self.route(x)
+        slots = chosen.flatten()  # (N*k,): position n's j-th expert at n*k + j
+        counts = torch.zeros_like(self.tokens_per_expert).scatter_add_(0, slots, torch.ones_like(slots))
+        if self.training and torch.is_grad_enabled():  # training steps only: not evaluation, even in train mode
+            with torch.no_grad():
+                self.tokens_per_expert += counts
+        # Dispatch: the N*k (position, slot) pairs sorted by expert, each carrying its position's input row.
+        order = slots.argsort(stable=True)
+        y = self.experts(x[order // self.top_k], counts)
+        # Combine: back to (position, slot) order, then each position's k outputs weighted and summed.
+        y = y[order.argsort()].view(B * T, self.top_k, d)
+        out = torch.bmm(weights.to(y.dtype).unsqueeze(1), y).squeeze(1)
+        if self.shared is not None:
+            out = out + self.shared(x)
+        aux = self.aux_loss(probs, counts) if self.balance == "aux" else None
+        return out.view(B, T, d), aux
+
+    def aux_loss(self, probs, counts):
+        """Qwen3's load-balancing loss E * sum_i f_i * P_i, at least 1 when every f_i = P_i, 1 when uniform.
+
+        f_i: fraction of the (position, slot) assignments that went to expert i, a constant (no gradient);
+        P_i: mean router probability of expert i over this micro-batch's positions (the gradient flows here).
+        Global batch (Qiu et al. 2025): in a training step under torch.distributed, f counts the assignments of the
+        current micro-batch on every data-parallel rank (one all-reduce of E integers); P stays local, and since
+        the loss is linear in P, the gradient averaged by DDP / FSDP is that of the global-batch loss. The
+        scope is one micro-step: f does not accumulate across gradient-accumulation micro-batches.
+        """
+        counts = counts.detach()
+        if self.training and torch.is_grad_enabled() and dist.is_available() and dist.is_initialized():
+            counts = counts.clone()
+            dist.all_reduce(counts)
+        f = counts.float() / counts.sum()
+        return self.n_experts * (f * probs.mean(dim=0)).sum()
+
+
+class Block(nn.Module):
+    def __init__(self, cfg, layer):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = Attention(cfg, use_rope=layer not in cfg.no_rope_layers)
+        self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = MoE(cfg) if cfg.n_experts else MLP(cfg.dim, cfg.ffn_dim)
+
+    def forward(self, x, cos, sin):
+        """-> (x, aux): aux is the MoE layer's load-balancing loss, None for a dense block or without it."""
+        x = x + self.attn(self.attn_norm(x), cos, sin)
+        if isinstance(self.mlp, MoE):
+            y, aux = self.mlp(self.mlp_norm(x))
+            return x + y, aux
+        return x + self.mlp(self.mlp_norm(x)), None
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self):
+        """All parameters and buffers, so that a model built on the meta device can be materialised by it."""
+        std = self.cfg.init_std
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith(("attn.wo.weight", "w_down.weight", "experts.w_down")):
+                p.normal_(0.0, std / math.sqrt(2 * self.cfg.n_layers))
+            else:  # embedding, attention, MLP, router, experts' gate and up, LM head
+                p.normal_(0.0, std)
+        for moe in self.moe_layers():
+            moe.expert_bias.zero_()
+            moe.tokens_per_expert.zero_()
+
+    def moe_layers(self):
+        return [layer.mlp for layer in self.layers if isinstance(layer.mlp, MoE)]
+
+    def forward(self, tokens, return_aux_loss=False):
+        """(B, T) token ids, or (B, T, s) bags in TST's phase 1 -> logits (B, T, vocab_size).
+
+        return_aux_loss=True -> (logits, aux_loss): aux_loss_coef * the SUM over MoE layers of each layer's
+        load-balancing loss (Megatron's convention: the coefficient is per layer, so each router is pushed
+        as hard at any depth; its floor is aux_loss_coef * n_layers, reached by perfectly uniform routing).
+        A float32 zero for a dense model or balance != "aux". Add it to the loss in both TST phases.
+        """
+        if tokens.size(1) > self.cfg.max_seq_len:
+            raise ValueError(f"{tokens.size(1)} positions exceed max_seq_len={self.cfg.max_seq_len}")
+        h = tst.bag_embed(self.embed, tokens) if tokens.dim() == 3 else self.embed(tokens)  # TST
+        cos, sin = rope_tables(h.size(1), self.cfg.head_dim, self.cfg.rope_theta, h.device)
+        aux_losses = []
+        for layer in self.layers:
+            h, aux = layer(h, cos, sin)
+            if aux is not None:
+                aux_losses.append(aux)
+        logits = self.lm_head(self.norm(h))
+        if not return_aux_loss:
+            return logits
+        if not aux_losses:
+            return logits, torch.zeros((), device=logits.device)
+        return logits, self.cfg.aux_loss_coef * torch.stack(aux_losses).sum()
+
+    @torch.no_grad()
+    def pop_expert_load(self):
+        """Positions routed to each expert since the last call, (n_moe_layers, n_experts) float32, summed over
+        data-parallel ranks (an all-reduce: every rank must call it), then reset. (0, 0) for a dense model.
+
+        Each position counts once per slot: a layer's row sums to top_k * positions (exact below 2**24).
+        """
+        moes = self.moe_layers()
+        if not moes:
+            return torch.zeros(0, 0, device=self.lm_head.weight.device)
+        load = torch.stack([moe.tokens_per_expert for moe in moes])
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(load)
+        for moe in moes:
+            moe.tokens_per_expert.zero_()
+        return load.float()
+
+    @torch.no_grad()
+    def update_expert_bias(self, load):
+        """torchtitan's auxiliary-loss-free balancing (Wang et al. 2024), once per optimizer step: each layer's
+        under-loaded experts gain bias_update_rate, over-loaded ones lose it (bias += rate * sign(mean - load)),
+        recentred to mean 0 (top-k is unchanged by a common shift). `load` from pop_expert_load is identical on
+        every rank, so the biases stay identical without a broadcast.
+        """
+        moes = self.moe_layers()
+        if len(load) != len(moes):
+            raise ValueError(f"load has {len(load)} rows for {len(moes)} MoE layers")
+        for moe, layer_load in zip(moes, load):
+            delta = moe.bias_update_rate * torch.sign(layer_load.mean() - layer_load)
+            moe.expert_bias += (delta - delta.mean()).to(moe.expert_bias)
