@@ -1,0 +1,435 @@
+"""eval.py: multiple choice scored as lm-evaluation-harness scores it, held-out loss, results, export."""
+
+import json
+import math
+import sys
+
+import pytest
+import tiktoken
+import torch
+import torch.nn as nn
+
+import eval as E
+from model import ModelConfig, Transformer
+
+LN = math.log
+
+
+class CharTok:
+    """One token per character of a fixed alphabet; no BOS unless given."""
+
+    def __init__(self, alphabet, bos=None):
+        self.ids = {c: i for i, c in enumerate(alphabet)}
+        self.alphabet, self.bos, self.eot = alphabet, bos, len(alphabet) - 1
+
+    def encode(self, text):
+        return [self.ids[c] for c in text]
+
+    def decode(self, ids):
+        return "".join(self.alphabet[i] for i in ids)
+
+
+class BigramModel(nn.Module):
+    """A fake model whose next-token distribution depends only on the current token: P[token] (rows sum to 1)."""
+
+    def __init__(self, P, max_seq_len=64):
+        super().__init__()
+        self.logp = nn.Parameter(torch.tensor(P).log(), requires_grad=False)
+        self.cfg = ModelConfig(vocab_size=len(P), max_seq_len=max_seq_len)
+
+    def forward(self, tokens):
+        return self.logp[tokens]
+
+
+# ---------------------------------------------------------------------------
+# Scoring: acc and acc_norm computed by hand
+
+def test_acc_and_acc_norm_from_fixed_loglikelihoods():
+    docs = [
+        {"context": "x", "choices": ["a", "bbbb"], "gold": 1},  # ll -2, -4: acc picks 0; per char -2, -1: norm picks 1
+        {"context": "x", "choices": ["cc", "d"], "gold": 0},  # ll -1, -3: both pick 0
+        {"context": "x", "choices": ["eee", "f", "gg"], "gold": 2},  # -6,-1,-2; per char -2,-1,-1: tie -> first (1)
+    ]
+    acc, acc_norm = E.score(docs, [[-2.0, -4.0], [-1.0, -3.0], [-6.0, -1.0, -2.0]])
+    assert acc == [0.0, 1.0, 0.0]
+    assert acc_norm == [1.0, 1.0, 0.0]
+    # sample standard deviation / sqrt(n): for (0, 1, 0) that is sqrt(1/3) / sqrt(3) = 1/3
+    assert E.mean_stderr(acc) == pytest.approx(1 / 3)
+    assert E.mean_stderr([1.0]) is None
+
+
+def test_mmlu_stderr_pools_the_subjects():
+    # within-subject sample variances 1/2 (n=2) and 1/3 (n=4) pool to (1 * 1/2 + 3 * 1/3) / (6 - 2) = 3/8;
+    # stderr = sqrt(3/8 / 6) = 1/4, where the flat formula over all six would give sqrt(0.3 / 6) = 0.224
+    xs, subjects = [1, 0, 1, 1, 0, 0], ["a", "a", "b", "b", "b", "b"]
+    assert E.pooled_stderr(xs, subjects) == pytest.approx(0.25)
+    assert E.mean_stderr(xs) == pytest.approx(math.sqrt(0.05))
+
+
+def test_task_scores_sum_continuation_logprobs_after_context():
+    # alphabet " ", "a", "b"; P(next | current)
+    P = [[0.1, 0.6, 0.3],  # after " "
+         [0.5, 0.25, 0.25],  # after "a"
+         [0.7, 0.2, 0.1]]  # after "b"
+    model, tok = BigramModel(P), CharTok(" ab")
+    docs = [{"context": "ab", "choices": ["a", "bb"], "gold": 1}]
+    pairs = [E.encode_pair(tok, c, x) for c, x in E.doc_requests(docs[0])]
+    assert pairs == [([1, 2], [0, 1]), ([1, 2], [0, 2, 2])]  # the one-space target delimiter
+    ll = E.loglikelihoods(model, pairs, max_len=64)
+    # " a" after "b": P(" "|b) P(a|" "); " bb": P(" "|b) P(b|" ") P(b|b)
+    assert ll == pytest.approx([LN(0.7) + LN(0.6), LN(0.7) + LN(0.3) + LN(0.1)])
+    # acc: ll(" a") = -0.87 > ll(" bb") = -3.87 picks 0; acc_norm: -0.87 / 1 > -3.87 / 2 still picks 0
+    rows = E.evaluate_task(model, tok, "toy", docs, max_len=64)
+    assert [(r["metric"], r["value"], r["n"]) for r in rows] == [("acc", 0.0, 1), ("acc_norm", 0.0, 1)]
+
+
+def test_one_token_continuations_share_one_forward_pass():
+    P = [[0.1, 0.6, 0.3], [0.5, 0.25, 0.25], [0.7, 0.2, 0.1]]
+    model, calls = BigramModel(P), []
+    model.register_forward_hook(lambda m, args, out: calls.append(args[0].shape))
+    ll = E.loglikelihoods(model, [([1, 2], [0]), ([1, 2], [1]), ([1, 2], [2]), ([1], [2, 2])], max_len=64)
+    assert ll == pytest.approx([LN(0.7), LN(0.2), LN(0.1), LN(0.25) + LN(0.1)])
+    # all four feed the model [1, 2] (the last one scores its 2 tokens at positions 0 and 1): one row
+    assert calls == [(1, 2)]
+
+
+def test_long_inputs_are_cut_from_the_left_like_the_harness():
+    P = [[0.1, 0.6, 0.3], [0.5, 0.25, 0.25], [0.7, 0.2, 0.1]]
+    # context "aab" + " a" = 5 tokens; max_len 3 keeps the last 4 and feeds the first 3 of them
+    ll = E.loglikelihoods(BigramModel(P, max_seq_len=3), [([1, 1, 2], [0, 1])], max_len=3)
+    assert ll == pytest.approx([LN(0.7) + LN(0.6)])
+
+
+def test_winogrande_scores_the_shared_suffix_after_each_filled_context():
+    doc = E.winogrande_doc({"sentence": "ab _ b.", "option1": "a", "option2": "b", "answer": "2"})
+    assert doc == {"choices": ["ab a", "ab b"], "target": "b.", "gold": 1}
+    assert E.doc_requests(doc) == [("ab a", " b."), ("ab b", " b.")]
+
+
+# ---------------------------------------------------------------------------
+# Context / continuation split on a tiny tiktoken BPE
+
+TINY = tiktoken.Encoding(name="tiny", pat_str=r" ?[a-z]+|\s+|[^a-z\s]+",
+                         mergeable_ranks={b"a": 0, b"b": 1, b"c": 2, b" ": 3, b"bc": 4, b"ab": 5}, special_tokens={})
+
+
+class TinyTok:
+    def __init__(self, bos=None):
+        self.bos = bos
+
+    def encode(self, text):
+        return TINY.encode_ordinary(text)
+
+
+def test_continuation_tokens_are_the_whole_encoding_minus_the_context_tokens():
+    # "abc" merges to [a, bc] (bc ranks before ab) while "ab" alone is [ab]: the harness keeps the context's
+    # own encoding and takes the continuation from the whole string, so the model reads [ab, bc]
+    assert TINY.encode_ordinary("abc") == [0, 4] and TINY.encode_ordinary("ab") == [5]
+    assert E.encode_pair(TinyTok(), "ab", "c") == ([5], [4])
+
+
+def test_trailing_context_whitespace_moves_into_the_continuation():
+    # ("ab ", "c") is scored as ("ab", " c")
+    assert E.encode_pair(TinyTok(), "ab ", "c") == ([5], [3, 2])
+
+
+def test_bos_starts_the_context_when_the_tokenizer_has_one():
+    assert E.encode_pair(TinyTok(bos=6), "ab", " c") == ([6, 5], [3, 2])
+
+
+# ---------------------------------------------------------------------------
+# Prompts: the harness's strings, from original (hub) rows and from the offline copies
+
+HUB_ROWS = {
+    "hellaswag": ({"activity_label": "Roof shingle removal", "ctx_a": "A man is sitting on a roof.", "ctx_b": "he",
+                   "endings": ["is using wrap to wrap a pair of skis.", "is ripping level tiles off.",
+                               "is holding a rubik's cube.", "starts pulling up roofing on a roof."], "label": "3"},
+                  "Roof shingle removal: A man is sitting on a roof. He", "is using wrap to wrap a pair of skis.", 3),
+    "arc_easy": ({"question": "Which piece of safety equipment is used to keep mold spores from entering the "
+                              "respiratory system?",
+                  "choices": {"text": ["safety goggles", "breathing mask", "rubber gloves", "lead apron"],
+                              "label": ["A", "B", "C", "D"]}, "answerKey": "B"},
+                 "Question: Which piece of safety equipment is used to keep mold spores from entering the "
+                 "respiratory system?\nAnswer:", "safety goggles", 1),
+    "piqa": ({"goal": "dresser", "sol1": "replace drawer with bobby pin ", "sol2": "finish, woodgrain with  bobby pin ",
+              "label": 1}, "Question: dresser\nAnswer:", "replace drawer with bobby pin ", 1),
+    "boolq": ({"passage": "Windsor Castle is a royal residence.", "question": "is windsor castle a royal residence",
+               "label": 1},
+              "Windsor Castle is a royal residence.\nQuestion: is windsor castle a royal residence?\nAnswer:", "no", 1),
+    "openbookqa": ({"question_stem": "Predators eat", "choices": {"text": ["lions", "humans", "bunnies", "grass"],
+                                                                  "label": ["A", "B", "C", "D"]}, "answerKey": "C"},
+                   "Predators eat", "lions", 2),
+    "mmlu": ({"question": "Find all c in Z_3 such that Z_3[x]/(x^2 + c) is a field. ", "subject": "abstract_algebra",
+              "choices": ["0", "1", "2", "3"], "answer": 1},
+             "The following are multiple choice questions (with answers) about abstract algebra.\n\n"
+             "Find all c in Z_3 such that Z_3[x]/(x^2 + c) is a field.\nA. 0\nB. 1\nC. 2\nD. 3\nAnswer:", "A", 1),
+}
+
+
+@pytest.mark.parametrize("task", sorted(HUB_ROWS))
+def test_prompt_from_the_original_dataset_row(task):
+    row, context, first_choice, gold = HUB_ROWS[task]
+    doc = E.HUB[task][3](row)
+    assert doc["context"] == context
+    assert doc["choices"][0] == first_choice
+    assert doc["gold"] == gold
+    assert E.doc_requests(doc)[0] == (context, " " + first_choice)
+
+
+def test_hellaswag_cleaning_of_wikihow_markers():
+    row = {"activity_label": "Personal Care and Style", "ctx_a": "[header] How to buy a band [title] Find a ring.",
+           "ctx_b": "", "endings": ["[step] Go to [www.x.org] now.", "b", "c", "d"], "label": "0"}
+    doc = E.hellaswag_doc(row)
+    assert doc["context"] == "Personal Care and Style: How to buy a band. Find a ring."
+    # the harness strips before it removes markers, so a leading marker leaves a space (kept, as there)
+    assert doc["choices"][0] == " Go to now."
+
+
+# first document of each offline copy (../shared/data/evals), as the harness would prompt it
+LOCAL_FIRST = {
+    "hellaswag": ("Roof shingle removal: A man is sitting on a roof. He", "is using wrap to wrap a pair of skis.", 3),
+    "arc_easy": ("Question: Which statement best explains why photosynthesis is the foundation of most food webs?"
+                 "\nAnswer:", "Sunlight is the source of energy for nearly all ecosystems.", 0),
+    "arc_challenge": ("Question: An astronomer observes that a planet rotates faster after a meteorite impact. Which "
+                      "is the most likely effect of this increase in rotation?\nAnswer:",
+                      "Planetary density will decrease.", 2),
+    "piqa": ("Question: How do I ready a guinea pig cage for it's new occupants?\nAnswer:",
+             "Provide the guinea pig with a cage full of a few inches of bedding made of ripped paper strips, you will "
+             "also need to supply it with a water bottle and a food dish.", 0),
+    "openbookqa": ("A person wants to start saving money so that they can afford a nice vacation at the end of the "
+                   "year. After looking over their budget and expenses, they decide the best way to save money is to",
+                   "make more phone calls", 1),
+    "mmlu": ("The following are multiple choice questions (with answers) about abstract algebra.\n\nFind the degree "
+             "for the given field extension Q(sqrt(2), sqrt(3), sqrt(18)) over Q.\nA. 0\nB. 4\nC. 2\nD. 6\nAnswer:",
+             "A", 1),
+}
+
+
+@pytest.mark.parametrize("task", sorted(LOCAL_FIRST))
+def test_prompt_from_the_offline_copy(task, shared_data):
+    context, first_choice, gold = LOCAL_FIRST[task]
+    doc = E.load_task(task, shared_data / "evals", limit=1)[0]
+    assert (doc["context"], doc["choices"][0], doc["gold"]) == (context, first_choice, gold)
+
+
+def test_offline_boolq_and_winogrande(shared_data):
+    boolq = E.load_task("boolq", shared_data / "evals", limit=1)[0]
+    assert boolq["context"].startswith("All biomass goes through at least some of these steps:")
+    assert boolq["context"].endswith("\nQuestion: does ethanol take more energy make that produces?\nAnswer:")
+    assert (boolq["choices"], boolq["gold"]) == (["no", "yes"], 0)
+    wino = E.load_task("winogrande", shared_data / "evals", limit=1)[0]
+    # the same document as the original row, through the harness's partial scoring
+    original = E.winogrande_doc({"sentence": "Sarah was a much better surgeon than Maria so _ always got the easier "
+                                             "cases.", "option1": "Sarah", "option2": "Maria", "answer": "2"})
+    assert wino == original
+    assert E.doc_requests(wino)[1] == ("Sarah was a much better surgeon than Maria so Maria",
+                                       " always got the easier cases.")
+
+
+def test_limit_applies_to_each_mmlu_subject(shared_data):
+    docs = E.load_task("mmlu", shared_data / "evals", limit=2)
+    assert len(docs) == 2 * 57
+    assert docs[0]["subject"] == docs[1]["subject"] != docs[2]["subject"]
+
+
+# ---------------------------------------------------------------------------
+# Held-out loss
+
+class FixedLoader:
+    def __init__(self, rows):
+        self.rows = rows
+
+    def next_rows(self, T):
+        return self.rows[:, :T + 1]
+
+
+def test_heldout_loss_of_a_uniform_model_is_log_vocab():
+    V = 4
+    model = BigramModel([[1 / V] * V] * V)
+    rows = torch.tensor([[0, 1, 2, 3, 0], [3, 2, 1, 0, 1]])
+    # tokens 0, 1 are one byte, 2 is two bytes, 3 is end-of-text (no text)
+    r = E.heldout_loss(model, FixedLoader(rows), steps=3, seq_len=4, bytes_per_token=torch.tensor([1, 1, 2, 0]))
+    assert r["tokens"] == 3 * 2 * 4
+    assert r["bytes"] == 3 * ((1 + 2 + 0 + 1) + (2 + 1 + 1 + 1))
+    assert r["loss"] == pytest.approx(LN(V)) and r["ppl"] == pytest.approx(V)
+    assert r["bpb"] == pytest.approx(24 * math.log2(V) / 27)
+
+
+def test_token_bytes_add_up_to_the_utf8_length_of_the_text():
+    from data import Tokenizer, get_tokenizer
+    text = "naïve café — 日本"
+    tok = get_tokenizer("bytes")
+    tb = E.token_bytes(tok)
+    assert tb[tok.eot] == 0 and tb[tok.encode(text)].sum() == len(text.encode("utf-8")) == 23
+    # a BPE whose merges join the two bytes of "é" and of "ï"
+    ranks = {bytes([b]): b for b in range(256)} | {"é".encode(): 256, "ï".encode(): 257}
+    bpe = Tokenizer("tiny", tiktoken.Encoding("tiny", pat_str=r"\S+|\s+", mergeable_ranks=ranks,
+                                              special_tokens={"<|eot|>": 258}), eot=258)
+    tb = E.token_bytes(bpe)
+    assert tb[256] == 2 and tb[258] == 0
+    assert tb[bpe.encode(text)].sum() == 23 and len(bpe.encode(text)) == 21
+
+
+# ---------------------------------------------------------------------------
+# Results file, checkpoints, bad input
+
+def test_results_json_merges_tasks_of_one_step(tmp_path):
+    path = tmp_path / "eval_step7.json"
+    row = {"task": "piqa", "metric": "acc", "value": 0.5, "stderr": 0.1, "n": 10}
+    E.write_results(path, [row], 7, {"tokenizer": "bytes"})
+    E.write_results(path, [{**row, "task": "boolq"}, {**row, "value": 0.75}], 7, {"tokenizer": "bytes"})
+    out = json.load(open(path))
+    assert out["step"] == 7 and out["tokenizer"] == "bytes"
+    assert out["results"] == [{"task": "boolq", "metric": "acc", "value": 0.5, "stderr": 0.1, "n": 10, "step": 7},
+                              {"task": "piqa", "metric": "acc", "value": 0.75, "stderr": 0.1, "n": 10, "step": 7}]
+
+
+def tiny_checkpoint(tmp_path, step=3, **cfg):
+    cfg = ModelConfig(**{"vocab_size": 257, "dim": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2,
+                         "ffn_dim": 64, "max_seq_len": 64, **cfg})
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": model.state_dict(), "model_config": cfg.to_dict(), "step": step,
+                "config": {"tokenizer": "bytes", "data_dir": str(tmp_path / "data"), "seq_len": 32}}, path)
+    return path, model
+
+
+def test_unknown_task_name():
+    with pytest.raises(ValueError, match="unknown task 'hellaswagg'; tasks: hellaswag, arc_easy"):
+        E.load_task("hellaswagg", "/nowhere")
+
+
+def test_missing_dataset_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="piqa: no .*piqa/valid.jsonl"):
+        E.load_task("piqa", tmp_path)
+
+
+def test_checkpoint_of_the_wrong_kind(tmp_path):
+    torch.save({"state_dict": {}}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match=r"not a checkpoint saved by train.py: expected a dict with keys"):
+        E.load_checkpoint(tmp_path / "other.pt")
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(ValueError, match="not a checkpoint saved by train.py"):
+        E.load_checkpoint(tmp_path / "notes.txt")
+    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
+        E.load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_cli_scores_offline_tasks_and_writes_results_into_the_run_folder(tmp_path, monkeypatch, capsys):
+    path, _ = tiny_checkpoint(tmp_path, step=42)
+    data = tmp_path / "evals"
+    (data / "arc_easy").mkdir(parents=True)
+    (data / "arc_easy" / "arc_easy.jsonl").write_text(
+        json.dumps({"query": "Question: Up or down?", "choices": ["up", "down"], "gold": 0}) + "\n")
+    (data / "winogrande").mkdir()
+    (data / "winogrande" / "winogrande.jsonl").write_text(json.dumps(
+        {"context_options": ["The cat sat so the cat", "The cat sat so the mat"], "continuation": "purred.",
+         "gold": 0}) + "\n")
+    monkeypatch.setattr(sys, "argv", ["eval.py", "--ckpt", str(path), "--tasks", "arc_easy,winogrande",
+                                      "--data_dir", str(data), "--device", "cpu"])
+    E.main()
+    out = json.load(open(tmp_path / "eval_step42.json"))
+    assert out["step"] == 42 and out["tokenizer"] == "bytes" and out["bos_prepended"] is False
+    assert [(r["task"], r["metric"], r["n"], r["step"], r["data"]) for r in out["results"]] == [
+        ("arc_easy", "acc", 1, 42, str(data)), ("arc_easy", "acc_norm", 1, 42, str(data)),
+        ("winogrande", "acc", 1, 42, str(data)), ("winogrande", "acc_norm", 1, 42, str(data))]
+    assert "bytes tokenizer: no BOS" in capsys.readouterr().out
+
+
+def test_cli_heldout_loss_on_the_runs_validation_split(tmp_path, monkeypatch):
+    import data
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i in range(40):
+        (docs / f"{i}.txt").write_text(f"Document {i}: the quick brown fox — ça va? " * 5)
+    data.prepare(str(docs / "*.txt"), "bytes", tmp_path / "data", val_tokens=3000, num_proc=1)
+    path, model = tiny_checkpoint(tmp_path, step=5)
+    monkeypatch.setattr(sys, "argv", ["eval.py", "--ckpt", str(path), "--loss_batches", "2", "--batch_size", "2",
+                                      "--device", "cpu"])
+    E.main()
+    got = {r["metric"]: r for r in json.load(open(tmp_path / "eval_step5.json"))["results"]}
+    # the same rows as a fresh validation loader: 2 batches of 2 rows of seq_len=32 targets
+    direct = E.heldout_loss(model.eval(), data.TokenLoader(tmp_path / "data", "val", 2), 2, 32,
+                            E.token_bytes(data.get_tokenizer("bytes")))
+    assert got["loss"]["n"] == direct["tokens"] == 128
+    assert got["loss"]["value"] == pytest.approx(direct["loss"]) and got["bpb"]["value"] == pytest.approx(direct["bpb"])
+    # bytes tokenizer: every token but end-of-text is one byte, so bpb = loss / ln 2 * tokens / (tokens - eots)
+    rows = data.TokenLoader(tmp_path / "data", "val", 2)
+    y = torch.cat([rows.next_rows(32)[:, 1:] for _ in range(2)])
+    assert direct["bytes"] == 128 - int((y == 256).sum())
+
+    meta = json.loads((tmp_path / "data" / "meta.json").read_text())
+    (tmp_path / "data" / "meta.json").write_text(json.dumps({**meta, "tokenizer": "gpt2"}))
+    with pytest.raises(ValueError, match="tokenized with 'gpt2', the checkpoint with 'bytes'"):
+        E.main()
+
+
+# ---------------------------------------------------------------------------
+# Sampling
+
+def test_greedy_sampling_follows_the_most_likely_next_token():
+    # after end-of-text ("$", where documents start) -> "a", after "a" -> "b", after "b" -> "a"
+    P = [[0.1, 0.7, 0.1, 0.1], [0.7, 0.1, 0.1, 0.1], [0.1, 0.1, 0.7, 0.1], [0.7, 0.1, 0.1, 0.1]]
+    model, tok = BigramModel(P), CharTok("abx$")
+    assert E.sample(model, tok, "", max_new_tokens=5, temperature=0) == "ababa"
+    assert E.sample(model, tok, "a", max_new_tokens=3, temperature=1.0, top_k=1) == "bab"
+    P[1] = [0.1, 0.1, 0.1, 0.7]  # now end-of-text follows "b": the document ends there
+    assert E.sample(BigramModel(P), tok, "", max_new_tokens=5, temperature=0) == "ab"
+
+
+# ---------------------------------------------------------------------------
+# Export: the transformers model computes our logits
+
+EXPORTS = {
+    "LlamaForCausalLM": {},
+    "LlamaForCausalLM (tied)": {"tie_embeddings": True, "n_kv_heads": 4},
+    "Qwen3ForCausalLM": {"qk_norm": True},
+    "SmolLM3ForCausalLM": {"no_rope_layers": [1]},
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPORTS))
+def test_export_logits_equal_ours(name, tmp_path):
+    transformers = pytest.importorskip("transformers", reason="transformers is an optional, test-only dependency")
+    path, model = tiny_checkpoint(tmp_path, **EXPORTS[name])
+    arch = E.export_hf(path, tmp_path / "hf")
+    assert arch == name.split()[0]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert type(hf).__name__ == arch
+    x = torch.randint(0, 257, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(hf(x).logits, model.eval()(x), atol=1e-5, rtol=1e-4)
+
+
+MOE = {"qk_norm": True, "n_experts": 4, "top_k": 2, "expert_ffn_dim": 24}
+
+
+def test_export_moe_logits_equal_ours(tmp_path):
+    transformers = pytest.importorskip("transformers", reason="transformers is an optional, test-only dependency")
+    path, model = tiny_checkpoint(tmp_path, **MOE)
+    assert E.export_hf(path, tmp_path / "hf") == "Qwen3MoeForCausalLM"
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    x = torch.randint(0, 257, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(hf(x).logits, model.eval()(x), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("cfg, message", [
+    ({"qk_norm": True, "no_rope_layers": [0]}, "no transformers class has both"),
+    ({**MOE, "qk_norm": False}, "always applies QK-norm"),
+    ({**MOE, "shared_expert_ffn_dim": 16}, "no shared expert"),
+])
+def test_export_refuses_what_no_transformers_class_computes(tmp_path, cfg, message):
+    path, _ = tiny_checkpoint(tmp_path, **cfg)
+    with pytest.raises(ValueError, match=message):
+        E.export_hf(path, tmp_path / "hf")
+
+
+def test_export_refuses_bias_balanced_routing(tmp_path):
+    path, model = tiny_checkpoint(tmp_path, **MOE, balance="bias")
+    ckpt = torch.load(path, weights_only=False)
+    ckpt["model"]["layers.1.mlp.expert_bias"][2] = 0.01  # as bias balancing leaves it after training
+    torch.save(ckpt, path)
+    with pytest.raises(ValueError, match="layer 1 routes with a nonzero expert_bias"):
+        E.export_hf(path, tmp_path / "hf")
