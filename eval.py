@@ -53,19 +53,30 @@ CKPT_KEYS = ("model", "model_config", "config", "step")
 
 
 def load_checkpoint(path, device="cpu"):
-    """A train.py checkpoint -> (model in eval mode, the checkpoint dict)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no checkpoint at {path}")
+    """A train.py checkpoint -> (model in eval mode, the checkpoint dict).
+
+    A file holds everything; an FSDP run's checkpoint is a folder of torch.distributed.checkpoint shards
+    (model and optimizer) with the rest in train_state.pt, read here in one process.
+    """
+    sharded = os.path.isdir(path)
+    state = os.path.join(path, "train_state.pt") if sharded else path
+    if not os.path.isfile(state):
+        raise FileNotFoundError(f"no checkpoint at {state}")
     try:
         # our own files: they hold the training config and RNG states, not only tensors
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = torch.load(state, map_location="cpu", weights_only=False)
     except Exception as e:
-        raise ValueError(f"{path} is not a checkpoint saved by train.py (torch.load failed: {e})") from e
-    if not isinstance(ckpt, dict) or any(k not in ckpt for k in CKPT_KEYS):
+        raise ValueError(f"{state} is not a checkpoint saved by train.py (torch.load failed: {e})") from e
+    keys = CKPT_KEYS[1:] if sharded else CKPT_KEYS
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in keys):
         found = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise ValueError(f"{path} is not a checkpoint saved by train.py: expected a dict with keys "
-                         f"{list(CKPT_KEYS)}, found {found}")
+        raise ValueError(f"{state} is not a checkpoint saved by train.py: expected a dict with keys "
+                         f"{list(keys)}, found {found}")
     model = Transformer(ModelConfig(**ckpt["model_config"]))
+    if sharded:
+        import torch.distributed.checkpoint as dcp
+        ckpt["model"] = model.state_dict()
+        dcp.load({"model": ckpt["model"]}, checkpoint_id=path)  # fills the tensors in place
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), ckpt
 
@@ -526,13 +537,13 @@ def main():
     p.add_argument("command", nargs="?", default="eval", choices=["eval", "export", "sample"])
     p.add_argument("--ckpt", required=True, help="a checkpoint written by train.py")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--batch_size", type=int, default=16, help="rows per forward pass")
+    p.add_argument("--batch_size", type=int, default=None, help="rows per forward pass (tasks: 16; loss: the run's)")
     p.add_argument("--tasks", default="", help=f"comma-separated, or 'all': {','.join(TASKS)}")
     p.add_argument("--limit", type=int, default=None, help="first N documents per task (per subject for mmlu)")
     p.add_argument("--data_dir", default=None, help="offline copies (layout of ../shared/data/evals); default: the hub")
     p.add_argument("--loss_data", default=None, help="held-out loss: a folder prepared by data.py (default: the run's)")
     p.add_argument("--split", default="val")
-    p.add_argument("--loss_batches", type=int, default=20)
+    p.add_argument("--loss_batches", type=int, default=None, help="default: the run's eval_iters")
     p.add_argument("--out", default=None, help="export: output directory")
     p.add_argument("--prompt", default="")
     p.add_argument("--max_new_tokens", type=int, default=200)
@@ -562,7 +573,7 @@ def main():
         tasks = {name: load_task(name, args.data_dir, args.limit) for name in names}  # bad input fails here
         rows = []
         for name, docs in tasks.items():
-            rows += evaluate_task(model, tok, name, docs, model.cfg.max_seq_len, args.batch_size, args.device)
+            rows += evaluate_task(model, tok, name, docs, model.cfg.max_seq_len, args.batch_size or 16, args.device)
         source = os.path.abspath(args.data_dir) if args.data_dir else "hub"
         bos = "a BOS token starts every context" if tok.bos is not None else "no BOS (the tokenizer has none)"
         print(f"{config['tokenizer']} tokenizer: {bos}")
@@ -571,8 +582,9 @@ def main():
         if load_meta(data_dir)["tokenizer"] != config["tokenizer"]:
             raise ValueError(f"{data_dir} was tokenized with {load_meta(data_dir)['tokenizer']!r}, the checkpoint "
                              f"with {config['tokenizer']!r}")
-        loader = TokenLoader(data_dir, args.split, args.batch_size, seed=0)
-        r = heldout_loss(model, loader, args.loss_batches, config["seq_len"], token_bytes(tok))
+        # by default the rows train.py's validation loss reads, so the two agree
+        loader = TokenLoader(data_dir, args.split, args.batch_size or config["batch_size"], seed=0)
+        r = heldout_loss(model, loader, args.loss_batches or config["eval_iters"], config["seq_len"], token_bytes(tok))
         rows = [{"task": f"heldout_{args.split}", "metric": m, "value": r[m], "stderr": None, "n": r["tokens"]}
                 for m in ("loss", "ppl", "bpb")]
         source = os.path.abspath(data_dir)

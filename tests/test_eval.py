@@ -176,6 +176,19 @@ def test_prompt_from_the_original_dataset_row(task):
     assert E.doc_requests(doc)[0] == (context, " " + first_choice)
 
 
+def test_hub_datasets_are_the_harness_splits(monkeypatch):
+    import datasets
+    calls = []
+
+    def load_dataset(path, name, split):
+        calls.append((path, name, split))
+        return [HUB_ROWS["hellaswag"][0]]
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    assert E.load_task("hellaswag")[0]["context"] == HUB_ROWS["hellaswag"][1]
+    assert calls == [("Rowan/hellaswag", None, "validation")]
+
+
 def test_hellaswag_cleaning_of_wikihow_markers():
     row = {"activity_label": "Personal Care and Style", "ctx_a": "[header] How to buy a band [title] Find a ring.",
            "ctx_b": "", "endings": ["[step] Go to [www.x.org] now.", "b", "c", "d"], "label": "0"}
@@ -291,8 +304,23 @@ def tiny_checkpoint(tmp_path, step=3, **cfg):
     model = Transformer(cfg)
     path = tmp_path / "ckpt.pt"
     torch.save({"model": model.state_dict(), "model_config": cfg.to_dict(), "step": step,
-                "config": {"tokenizer": "bytes", "data_dir": str(tmp_path / "data"), "seq_len": 32}}, path)
+                "config": {"tokenizer": "bytes", "data_dir": str(tmp_path / "data"), "seq_len": 32, "batch_size": 2,
+                           "eval_iters": 2}}, path)
     return path, model
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_an_fsdp_checkpoint_folder_loads_like_a_file(tmp_path):
+    import torch.distributed.checkpoint as dcp
+    path, model = tiny_checkpoint(tmp_path, tie_embeddings=True)
+    ckpt = torch.load(path, weights_only=False)
+    # what train.py writes with fsdp: the sharded model and optimizer, the rest in train_state.pt
+    dcp.save({"model": ckpt.pop("model"), "optimizer": {"state": {}}}, checkpoint_id=tmp_path / "ckpt_000003.pt")
+    torch.save(ckpt, tmp_path / "ckpt_000003.pt" / "train_state.pt")
+    loaded, got = E.load_checkpoint(tmp_path / "ckpt_000003.pt")
+    assert got["step"] == 3
+    x = torch.randint(0, 257, (1, 8))
+    assert torch.equal(loaded(x), model.eval()(x))
 
 
 def test_unknown_task_name():
@@ -345,11 +373,11 @@ def test_cli_heldout_loss_on_the_runs_validation_split(tmp_path, monkeypatch):
         (docs / f"{i}.txt").write_text(f"Document {i}: the quick brown fox — ça va? " * 5)
     data.prepare(str(docs / "*.txt"), "bytes", tmp_path / "data", val_tokens=3000, num_proc=1)
     path, model = tiny_checkpoint(tmp_path, step=5)
-    monkeypatch.setattr(sys, "argv", ["eval.py", "--ckpt", str(path), "--loss_batches", "2", "--batch_size", "2",
-                                      "--device", "cpu"])
+    monkeypatch.setattr(sys, "argv", ["eval.py", "--ckpt", str(path), "--device", "cpu"])
     E.main()
     got = {r["metric"]: r for r in json.load(open(tmp_path / "eval_step5.json"))["results"]}
-    # the same rows as a fresh validation loader: 2 batches of 2 rows of seq_len=32 targets
+    # the rows train.py's validation reads: a fresh val loader, eval_iters=2 batches of batch_size=2 rows of
+    # seq_len=32 targets
     direct = E.heldout_loss(model.eval(), data.TokenLoader(tmp_path / "data", "val", 2), 2, 32,
                             E.token_bytes(data.get_tokenizer("bytes")))
     assert got["loss"]["n"] == direct["tokens"] == 128
