@@ -24,7 +24,7 @@ Sources (SOURCE):
     W*SOURCE,W*SOURCE,...  a mix by weight of text, e.g. 0.5*dclm,0.5*fineweb-edu (the paper's MoE data): the next
                            document always comes from the source furthest below its share of characters so far
 
-Preparation tokenizes in parallel, puts end-of-text before every document, holds out the first documents (at least
+Preparation tokenizes in parallel, puts end-of-text (then BOS, if the tokenizer has one) before every document, holds out the first documents (at least
 --val_tokens tokens) as the validation split and writes the rest in order as train shards of about --shard_tokens
 tokens, each ending at a document boundary. meta.json records the settings and, for every finished shard, how many
 documents of the source it completes, so re-running the same command skips finished shards and resumes after the
@@ -78,6 +78,10 @@ class Tokenizer:
 
     def __init__(self, name, enc, eot, bos=None):
         self.name, self.enc, self.eot, self.bos, self.n_vocab = name, enc, eot, bos, enc.n_vocab
+        # What precedes every document: end-of-text, so that documents (and shards) joined end to end stay
+        # separated, then BOS where the tokenizer has one (Llama 3: as torchtitan trains and as the evaluation
+        # harness scores, every text starts after <|begin_of_text|>).
+        self.document_prefix = [eot] + ([bos] if bos is not None else [])
 
     def encode(self, text):
         # ordinary text only: a document that quotes "<|endoftext|>" must not inject a document boundary
@@ -402,8 +406,7 @@ def _start_worker(tokenizer, dtype):
 
 def _encode_batch(texts):
     tok, dtype = _worker
-    # end-of-text before every document, so that documents (and shards) joined end to end stay separated
-    return [np.array([tok.eot] + tok.encode(text), dtype) if text else np.empty(0, dtype) for text in texts]
+    return [np.array(tok.document_prefix + tok.encode(text), dtype) if text else np.empty(0, dtype) for text in texts]
 
 
 def _finish_shard(out_dir, meta, split, tokens):

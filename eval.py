@@ -511,8 +511,7 @@ def sample(model, tok, prompt, max_new_tokens=200, temperature=0.8, top_k=50, se
     """Continue `prompt`; temperature 0 is greedy; stops at the end-of-text token."""
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
-    # start where every training document starts: after end-of-text (data.py puts one before each document)
-    ids = [tok.eot] + tok.encode(prompt)
+    ids = tok.document_prefix + tok.encode(prompt)  # where every training document starts
     x = torch.tensor([ids], device=device)
     for _ in range(max_new_tokens):
         logits = model(x[:, -model.cfg.max_seq_len:])[0, -1].float()

@@ -32,7 +32,7 @@ def split_stream(out_dir, split):
     return np.concatenate([data.read_shard(out_dir / s["file"]) for s in meta["shards"] if s["split"] == split])
 
 
-def expected_tokens(tok, docs):
+def expected_tokens(tok, docs):  # tokenizers without BOS: end-of-text before every document
     return np.array([t for d in docs for t in [tok.eot] + tok.encode(d)], dtype=np.int64)
 
 
@@ -411,3 +411,14 @@ def test_rerunning_with_other_settings_is_refused(tmp_path):
     data.prepare(source, "bytes", tmp_path / "out", val_tokens=0, num_proc=1)
     with pytest.raises(ValueError, match="other settings.*val_target"):
         data.prepare(source, "bytes", tmp_path / "out", val_tokens=10, num_proc=1)
+
+
+
+def test_llama3_documents_start_after_end_of_text_then_bos(tmp_path):
+    # Llama 3 models are evaluated after <|begin_of_text|>, so every training document starts after it too
+    tok_name = write_ranks(tmp_path / "tokenizer.model", [bytes([b]) for b in range(256)] + [b"he", b"ll"])
+    tok = data.get_tokenizer(tok_name)
+    docs = ["hello", "all well"]
+    data.prepare(write_docs(tmp_path / "docs", docs), tok_name, tmp_path / "out", val_tokens=0, num_proc=1)
+    expected = [t for d in docs for t in [tok.eot, tok.bos] + tok.encode(d)]
+    assert list(split_stream(tmp_path / "out", "train")) == expected

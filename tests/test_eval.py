@@ -21,6 +21,7 @@ class CharTok:
     def __init__(self, alphabet, bos=None):
         self.ids = {c: i for i, c in enumerate(alphabet)}
         self.alphabet, self.bos, self.eot = alphabet, bos, len(alphabet) - 1
+        self.document_prefix = [self.eot] + ([bos] if bos is not None else [])
 
     def encode(self, text):
         return [self.ids[c] for c in text]
