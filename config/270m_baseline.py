@@ -17,7 +17,9 @@ rope_theta = 500000.0
 max_seq_len = 2048
 
 seq_len = 2048
-batch_size = 16  # rows per GPU per micro-step; gradient accumulation fills the 2M-token batch
+# rows per GPU per micro-step; gradient accumulation fills the 2M-token batch. At a 128,256 vocabulary the
+# logits dominate memory (8 x 2048 positions: 4.2 GB in bf16, 8.4 GB for each fp32 copy the loss makes)
+batch_size = 8
 global_batch_tokens = 2097152  # 1024 rows of 2048 positions
 max_steps = 20000
 lr = 2e-3

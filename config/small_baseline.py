@@ -16,7 +16,7 @@ ffn_dim = 1536
 max_seq_len = 1024
 
 seq_len = 1024
-batch_size = 64
+batch_size = 32  # x 1024 positions x 50k logits: 6.6 GB per fp32 copy in the loss
 global_batch_tokens = 262144
 max_steps = 4000
 lr = 3e-3
