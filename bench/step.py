@@ -1,0 +1,96 @@
+"""Cost of a TST phase-1 step against a baseline step at equal FLOPs, on random tokens (no data needed).
+
+    python bench/step.py config/270m_tst.py                      # on one GPU: bf16, torch.compile, fused AdamW
+    python bench/step.py config/tiny_tst.py --steps 5            # a CPU smoke run
+
+Both steps process batch_size x seq_len positions through the same model, optimizer and loss code as train.py;
+phase 1 reads rows of s*T+1 tokens (bags, MCE), the baseline rows of T+1 (tokens, CE). Prints, per phase, the
+median step time, positions/s, data tokens/s, MFU (from positions, against --peak_flops) and peak GPU memory,
+and the ratio of the two step times (the goal: phase 1 at most 1.03x the baseline).
+"""
+
+import argparse
+import contextlib
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import train  # noqa: E402
+import tst  # noqa: E402
+from model import ModelConfig, Transformer  # noqa: E402
+
+
+def measure(model, optimizer, c, phase, steps, device, autocast):
+    T, s = c["seq_len"], c["s"]
+    row = tst.data_tokens_per_row(T, s, phase, c["tst_mode"]) + 1
+    rows = torch.randint(0, c["vocab_size"], (c["batch_size"], row), device=device)
+    x, y = tst.batch(rows, s, phase, c["tst_mode"])
+    weights = tst.bag_weights(y.size(-1), c["weights"] if y.size(-1) == s else "uniform")
+
+    def step():
+        with autocast:
+            logits, aux_loss = model(x, return_aux_loss=True)
+        loss = tst.mce_loss(logits.float(), y, weights) + aux_loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    for _ in range(3):  # warm-up: compilation and allocator
+        step().item()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step().item()  # .item() waits for the GPU, as train.py's logging does
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    dt = times[len(times) // 2]
+    peak_memory = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    return dt, c["batch_size"] * T, c["batch_size"] * (row - 1), peak_memory
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config")
+    parser.add_argument("--batch_size", type=int, default=0, help="rows per step (default: the config's)")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--compile", type=int, default=-1, help="1/0 (default: on with CUDA)")
+    parser.add_argument("--peak_flops", type=float, default=989e12, help="per-GPU peak (H100/H200 dense bf16)")
+    args = parser.parse_args()
+    c = train.parse_config([args.config])
+    c["batch_size"] = args.batch_size or c["batch_size"]
+    if c["vocab_size"] == 0:
+        c["vocab_size"] = 257  # the bytes tokenizer of the tiny configs
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+    torch.backends.cuda.matmul.allow_tf32 = True
+    cfg = ModelConfig(**{k: c[k] for k in train.MODEL_KEYS})
+    model = Transformer(cfg).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=cuda)
+    compiled = torch.compile(model) if args.compile == 1 or (args.compile == -1 and cuda) else model
+    name = torch.cuda.get_device_name() if cuda else "CPU"
+    print(f"{args.config}: {cfg.num_params() / 1e6:.1f}M parameters, {c['batch_size']} rows x {c['seq_len']} "
+          f"positions, s={c['s']}, mode={c['tst_mode']}; {name}, torch {torch.__version__}, "
+          f"compile={compiled is not model}")
+    flops_per_position = cfg.flops_per_position(c["seq_len"])
+    results = {}
+    for phase, label in ((2, "baseline (phase 2)"), (1, "TST phase 1")):
+        dt, positions, data_tokens, memory = measure(compiled, optimizer, c, phase, args.steps, device, autocast)
+        results[phase] = dt
+        mfu = f"MFU {100 * flops_per_position * positions / dt / args.peak_flops:5.1f}%" if cuda else "MFU n/a"
+        memory = f"peak memory {memory:6.1f} GiB" if cuda else ""
+        print(f"{label:>20}: {1000 * dt:8.1f} ms/step  {positions / dt:12,.0f} positions/s  "
+              f"{data_tokens / dt:12,.0f} data tokens/s  {mfu}  {memory}")
+    print(f"phase-1 step / baseline step: {results[1] / results[2]:.3f}")
+
+
+if __name__ == "__main__":
+    main()
