@@ -351,7 +351,12 @@ def main(argv):
 
     # ---- model and optimizer
     model_cfg = ModelConfig(**{k: c[k] for k in MODEL_KEYS})
-    model = Transformer(model_cfg).to(device)
+    with torch.device("meta"):  # no memory yet: a 10B model never exists in fp32 on every rank's CPU
+        model = Transformer(model_cfg)
+    model.to_empty(device=device)
+    if model_cfg.tie_embeddings:  # to_empty made new tensors: tie the head to the embedding again
+        model.lm_head.weight = model.embed.weight
+    model.init_weights()  # on the device, from the seed: the same weights on every rank
     raw_model = model
     if c["fsdp"]:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard

@@ -278,3 +278,9 @@ def test_a_fresh_run_refuses_a_folder_with_checkpoints(data_dir, tmp_path):
     train.main(settings(data_dir, tmp_path / "run", max_steps=2))
     with pytest.raises(FileExistsError, match="--resume=True, or give this run a new out_dir"):
         train.main(settings(data_dir, tmp_path / "run", max_steps=2))
+
+
+def test_a_tied_model_stays_tied_after_its_meta_construction(data_dir, tmp_path):
+    model = train.main(settings(data_dir, tmp_path / "run", max_steps=2, tie_embeddings=True))
+    assert model.lm_head.weight is model.embed.weight
+    assert model.cfg.num_params() == sum(p.numel() for p in model.parameters())
