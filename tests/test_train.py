@@ -66,11 +66,14 @@ def test_flops_are_counted_from_positions(data_dir, tmp_path):
         assert r["flops"] == r["positions"] * per_position
 
 
-def test_the_baseline_has_no_superposition_phase(data_dir, tmp_path):
-    train.main(settings(data_dir, tmp_path / "run", s=1, max_steps=4))
-    log = read_log(tmp_path / "run")
-    assert {r["phase"] for r in log} == {2}
-    assert [r["data_tokens"] for r in log] == [r["positions"] for r in log]
+def test_s_1_and_r_0_are_exactly_the_baseline(data_dir, tmp_path):
+    train.main(settings(data_dir, tmp_path / "s1", s=1, max_steps=4))
+    train.main(settings(data_dir, tmp_path / "r0", r=0.0, max_steps=4))
+    s1, r0 = read_log(tmp_path / "s1"), read_log(tmp_path / "r0")
+    assert {r["phase"] for r in s1} == {2}
+    assert [r["data_tokens"] for r in s1] == [r["positions"] for r in s1]
+    keys = ("phase", "loss", "grad_norm", "data_tokens", "val_loss")
+    assert [{k: r.get(k) for k in keys} for r in s1] == [{k: r.get(k) for k in keys} for r in r0]
 
 
 def resume_from(data_dir, full_dir, step, new_dir, **overrides):
