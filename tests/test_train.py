@@ -202,23 +202,23 @@ torch.save(state, os.path.join(os.environ["WEIGHTS_DIR"], f"rank{{os.environ['RA
 """
 
 
-def torchrun(tmp_path, args, port):
+def torchrun(tmp_path, args):
     """Two processes under torchrun (gloo on CPU); returns each rank's final weights."""
     script = tmp_path / "distributed_run.py"
     script.write_text(DISTRIBUTED_SCRIPT.format(root=str(ROOT)))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", str(script),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
            "--",  # everything after it is the script's: torchrun's parser would take --s and --r for its own options
            *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WEIGHTS_DIR": str(tmp_path)}
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 0, result.stderr[-5000:]
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return [torch.load(tmp_path / f"rank{i}.pt") for i in (0, 1)]
 
 
 def test_ddp_two_processes_match_one_process_with_the_global_batch(data_dir, tmp_path):
     # 2 ranks x 2 rows x 2 micro-steps are the same global batch as 1 process x 8 rows: disjoint rows, none lost
     rank0, rank1 = torchrun(tmp_path, settings(data_dir, tmp_path / "ddp", max_steps=6, batch_size=2,
-                                               global_batch_tokens=128), port=29517)
+                                               global_batch_tokens=128))
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)  # gradients were synchronised
     single = train.main(settings(data_dir, tmp_path / "single", max_steps=6, batch_size=8))
     ddp_log, single_log = read_log(tmp_path / "ddp"), read_log(tmp_path / "single")
@@ -232,7 +232,7 @@ def test_ddp_two_processes_match_one_process_with_the_global_batch(data_dir, tmp
 
 def test_fsdp_matches_one_process_and_resumes_exactly_from_sharded_checkpoints(data_dir, tmp_path):
     fsdp = dict(fsdp=True, max_steps=6, batch_size=4)
-    full = torchrun(tmp_path, settings(data_dir, tmp_path / "full", **fsdp), port=29518)[0]
+    full = torchrun(tmp_path, settings(data_dir, tmp_path / "full", **fsdp))[0]
     assert (tmp_path / "full" / "ckpt_0000003.pt" / "train_state.pt").exists()  # a folder of shards
     single = train.main(settings(data_dir, tmp_path / "single", max_steps=6, batch_size=8))
     for a, b in zip(read_log(tmp_path / "full"), read_log(tmp_path / "single")):
@@ -243,7 +243,7 @@ def test_fsdp_matches_one_process_and_resumes_exactly_from_sharded_checkpoints(d
     shutil.copytree(tmp_path / "full", resumed_dir, symlinks=True)
     (resumed_dir / "ckpt.pt").unlink()
     (resumed_dir / "ckpt.pt").symlink_to("ckpt_0000003.pt")
-    resumed = torchrun(tmp_path, settings(data_dir, resumed_dir, resume=True, **fsdp), port=29519)[0]
+    resumed = torchrun(tmp_path, settings(data_dir, resumed_dir, resume=True, **fsdp))[0]
     keys = ("step", "phase", "loss", "grad_norm", "data_tokens")
     assert [{k: r[k] for k in keys} for r in read_log(resumed_dir)] == \
         [{k: r[k] for k in keys} for r in read_log(tmp_path / "full")]
