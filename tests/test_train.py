@@ -197,8 +197,12 @@ import train
 destroy, dist.destroy_process_group = dist.destroy_process_group, lambda: None  # gather the weights first
 model = train.main(sys.argv[1:])
 state = {{k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in model.state_dict().items()}}
-destroy()
 torch.save(state, os.path.join(os.environ["WEIGHTS_DIR"], f"rank{{os.environ['RANK']}}.pt"))
+dist.barrier()
+destroy()
+# A gloo/FSDP worker thread sometimes aborts the process during interpreter teardown ("terminate called without
+# an active exception"), after all work is done and saved: leave without that teardown.
+os._exit(0)
 """
 
 
