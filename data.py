@@ -60,6 +60,12 @@ import numpy as np
 import tiktoken
 import torch
 
+
+class UserError(Exception):
+    """A mistake in what the user asked for (a setting, a data folder, a checkpoint, a file): train.py, eval.py,
+    data.py and compare.py print its message as one line, without a traceback. Every other exception is a bug
+    of the code and keeps its traceback."""
+
 # -----------------------------------------------------------------------------
 # Tokenizers
 
@@ -516,6 +522,20 @@ class TokenLoader:
                              f"with the same data folder, split and seed")
         self.position = state["position"]
         self.epoch = self.position // self.tokens
+
+
+def validation_rows(data_dir, seq_len, max_rows):
+    """The fixed held-out rows: up to max_rows rows of seq_len + 1 tokens from the start of the val split, in order,
+    each row's last token the next row's first, so that every val token is scored at most once. The same rows for
+    every process count and every evaluation; train.py splits them among the ranks, eval.py reads the same."""
+    loader = TokenLoader(data_dir, "val", 1)
+    n_rows = min(max_rows, (loader.tokens - 1) // seq_len)
+    if n_rows < 1:
+        raise UserError(f"the val split of {data_dir} ({loader.tokens:,} tokens) is shorter than one row of "
+                        f"{seq_len + 1} tokens: prepare it with a larger --val_tokens")
+    tokens = torch.from_numpy(np.concatenate([read_shard(f) for f in loader._files])[:n_rows * seq_len + 1]
+                              .astype(np.int64))
+    return tokens.unfold(0, seq_len + 1, seq_len)
 
 
 # -----------------------------------------------------------------------------
