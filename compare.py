@@ -1,81 +1,62 @@
 """
-Compare train.py runs the three ways the paper does (equal FLOPs, equal data, equal loss), and sweep s and r.
+Compare train.py runs the three ways the paper does (equal FLOPs, equal data, equal loss), and train sweeps over s,
+r, the TST modes, the re-initialisation ablation and seeds.
 
     python compare.py runs/baseline runs/tst                   # table; PNGs beside the runs (needs matplotlib)
-    python compare.py runs/sweep/* --markdown --out plots      # the table in Markdown, the PNGs in plots/
-    python compare.py sweep --config config/tiny_tst.py --s 2 4 8 --r 0.2 0.3 --set max_steps=2000
+    python compare.py runs/sweep/* --by_seed --markdown        # runs that differ only by seed: mean ± sd, n
+    python compare.py sweep --config config/tiny_tst.py --s 2 3 4 --r 0.25 --seeds 1337 2
+    python compare.py sweep --config config/tiny_tst.py --s 2 --r 0.25 --modes full input output --reinit
     python compare.py sweep --config config/270m_tst.py --s 4 6 8 --r 0.3 --torchrun 8   # prints the commands
 
-A run is a train.py out_dir: config.json (its settings) and log.jsonl (one line per step, val_loss on
-evaluation steps). A run still training can be read: its last complete line counts. The baseline is the run
-with s = 1 or r = 0 in its config.json (or --baseline); every other run is compared with it.
-
-The table, one row per run:
-  steps        optimizer steps done ("k/N" while the run is unfinished). Every step processes the same
-               positions, so equal steps are equal FLOPs (a warning says when two runs differ).
-  final val    the last evaluation's val_loss: held-out next-token loss on token input, comparable across
-               runs and phases (the training loss is MCE in phase 1 and is not).
-  data tokens  data tokens read: s per position in phase 1, one in phase 2 (equal data compares these).
-  positions    positions the transformer processed (what FLOPs count).
-  wall (s)     the sum of the logged step times dt: training only, train.py leaves evaluations out.
-  Δ val        final val minus the baseline's final val; negative means lower than the baseline.
-  speed-up     equal loss. L is the run's final val loss and N its steps at that evaluation; k is the first
-               baseline evaluation (k = step + 1 steps done) with val_loss <= L. speed-up = k / N. It is read
-               at evaluations, without interpolation, so it can overstate by less than one baseline
-               eval_interval / N. If the baseline never gets to L: "> K/N", K the baseline's steps, a lower
-               bound. Caveat: at step k the baseline is mid-schedule (its learning rate has not decayed yet),
-               so its loss is above that of a k-step run with its own decay, and the speed-up can be
-               overstated; for a strict number, train baselines of several lengths and compare final losses,
-               as the paper did (3B: TST at 20k steps matched a 36k-step baseline, 1.8x).
-
-Plots (matplotlib is optional: pip install matplotlib), written to --out: val_loss_vs_steps.png (equal FLOPs;
-a dotted line at each TST run's switch to phase 2), val_loss_vs_data_tokens.png (equal data) and
-equal_loss.png (the baseline's curve, each run's final loss as a dashed line, the crossing circled). The y
-axis is cut at the baseline's loss after 10% of its steps: the differences that matter are hundredths of a nat.
-
-Sweep: the baseline (s=1, r=0) and every (s, r) pair, one after another, each as
-    python train.py CONFIG --s=S --r=R --out_dir=OUT_ROOT/sS_rR [--key=value ...]
-(the baseline in OUT_ROOT/baseline). A run whose log reaches max_steps is skipped and one with a checkpoint
-resumes (--resume=True), so an interrupted sweep continues where it stopped. --dry_run prints the commands
-instead; --torchrun N prints them for torchrun, after a "--" that keeps torchrun's parser from reading --s and
---r as its own options. Once those have finished, the same sweep without --dry_run/--torchrun runs nothing
-and writes the summary: OUT_ROOT/summary.md, the final val loss by s (rows) and r (columns) as the paper's
-Table 4, then the table above for every run.
+A run is a train.py out_dir: config.json and log.jsonl (a run still training is read up to its last complete line),
+and eval_step{steps}.json if eval.py scored its last checkpoint on the whole validation split. The baseline is the
+run whose log has no phase-1 step (or --baseline); every other run is compared with it.
 """
 
 import argparse
 import json
+import re
 import shlex
+import statistics
 import subprocess
 import sys
 from pathlib import Path
 
-TRAIN = Path(__file__).with_name("train.py")
+from data import UserError
+
+HERE = Path(__file__).parent
+# eval.py's held-out loss over every token of the validation split; it writes RUN/eval_step{step}.json
+FULL_SPLIT_EVAL = ["--loss_tokens=all"]
 
 
 # -----------------------------------------------------------------------------
 # Reading runs
 
 def load_run(folder):
-    """A run's settings and its evaluations [(steps done, data tokens, val_loss)], with the table's totals."""
+    """A run's settings, its evaluations [(steps done, data tokens, val_loss)] and the table's totals."""
     folder = Path(folder)
     for name in ("config.json", "log.jsonl"):
         if not (folder / name).is_file():
-            raise FileNotFoundError(f"{folder}: no {name}; a run folder is a train.py out_dir "
-                                    f"(config.json and log.jsonl)")
+            raise UserError(f"{folder}: no {name}; a run folder is a train.py out_dir (config.json and log.jsonl)")
     config = json.loads((folder / "config.json").read_text())
     log = read_log(folder / "log.jsonl")
     evals = [(r["step"] + 1, r["data_tokens"], r["val_loss"]) for r in log if "val_loss" in r]
     if not evals:
-        raise ValueError(f"{folder}: no evaluation in log.jsonl yet (val_loss is logged every "
-                         f"eval_interval={config.get('eval_interval')} steps and at the end)")
-    phase2 = [r["step"] for r in log if r["phase"] == 2]
+        raise UserError(f"{folder}: no evaluation in log.jsonl yet (val_loss is logged every "
+                        f"eval_interval={config.get('eval_interval')} steps and at the end)")
+    schedule = config.get("s_schedule") or []  # [(end_fraction, s), ...]; older runs have s and r only
+    steps = log[-1]["step"] + 1
+    # a stage is a run of steps with one phase and one bag size ("s", logged per step by newer runs)
+    stage = [(r["phase"], r.get("s")) for r in log]
     return dict(
-        name=folder.name, folder=folder, s=config["s"], r=config["r"], mode=config["tst_mode"],
-        max_steps=config["max_steps"], steps=log[-1]["step"] + 1, evals=evals, final_val=evals[-1][2],
-        data_tokens=log[-1]["data_tokens"], positions=log[-1]["positions"], wall=sum(r["dt"] for r in log),
-        # the first phase-2 step = phase-1 steps done; None for a baseline or a run still in phase 1
-        switch=phase2[0] if phase2 and log[0]["phase"] == 1 else None)
+        name=folder.name, folder=folder, config=config, steps=steps, max_steps=config["max_steps"], evals=evals,
+        s=",".join(str(s) for _, s in schedule) if schedule else str(config["s"]),
+        r=schedule[-1][0] if schedule else config["r"],
+        mode=config["tst_mode"] + ("+reinit" if config.get("reinit_at_switch") else ""),
+        is_baseline=all(r["phase"] == 2 for r in log),
+        boundaries=[r["step"] for r, before in zip(log[1:], stage) if (r["phase"], r.get("s")) != before],
+        final_val=evals[-1][2], full_split_val=full_split_loss(folder, steps, config),
+        data_tokens=log[-1]["data_tokens"], positions=log[-1]["positions"], wall=sum(r["dt"] for r in log))
 
 
 def read_log(path):
@@ -86,31 +67,55 @@ def read_log(path):
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}, line {i}: not a JSON line ({e})") from None
+            raise UserError(f"{path}, line {i}: not a JSON line ({e}); a log.jsonl holds one JSON object per "
+                            f"line") from None
     return records
 
 
-def is_baseline(run):
-    return run["s"] == 1 or run["r"] == 0
+def full_split_loss(folder, steps, config):
+    """eval.py's held-out loss at the run's last step if it scored the whole validation split, else None."""
+    path = folder / f"eval_step{steps}.json"
+    rows = json.loads(path.read_text())["results"] if path.is_file() else []
+    row = next((r for r in rows if r["task"] == "heldout_val" and r["metric"] == "loss"), None)
+    if row is None:
+        return None
+    meta = Path(row.get("data", config["data_dir"])) / "meta.json"
+    split = json.loads(meta.read_text())["val_tokens"] if meta.is_file() else None
+    # rows of up to max_seq_len + 1 tokens: less than one row's worth of the split's targets can be left over
+    if split is not None and row["n"] > split - 1 - config["max_seq_len"]:
+        return row["value"]
+    print(f"warning: {path} scored {row['n']:,} val tokens, not the whole split ({meta}: "
+          f"{'missing' if split is None else f'{split:,} tokens'}); rerun python eval.py --ckpt "
+          f"{shlex.quote(str(folder / 'ckpt.pt'))} {shlex.join(FULL_SPLIT_EVAL)}", file=sys.stderr)
+    return None
 
 
-def find_baseline(runs):
-    found = [run for run in runs if is_baseline(run)]
+def find_baseline(runs, by_seed=False):
+    found = [run for run in runs if run["is_baseline"]]
     if not found:
-        raise ValueError(f"no baseline among {', '.join(str(run['folder']) for run in runs)}: a baseline has "
-                         f"s=1 or r=0 in its config.json; add one, or name one with --baseline RUN_DIR")
-    if len(found) > 1:
-        raise ValueError(f"several baselines ({', '.join(str(run['folder']) for run in found)}): "
-                         f"choose one with --baseline RUN_DIR")
+        raise UserError(f"no baseline among {', '.join(str(run['folder']) for run in runs)}: a baseline's log has "
+                        f"no phase-1 step (s=1 or r=0); add one, or name one with --baseline RUN_DIR")
+    if len(found) > 1 and not (by_seed and len(seed_groups(found)) == 1):
+        raise UserError(f"several baselines ({', '.join(str(run['folder']) for run in found)}): choose one with "
+                        f"--baseline RUN_DIR" + ("" if by_seed else ", or average seeds with --by_seed"))
     return found[0]
 
 
 # -----------------------------------------------------------------------------
-# The numbers: Δ final val loss and the equal-loss speed-up (definitions in the docstring above)
+# The numbers
 
 def compare(runs, baseline):
-    """Adds delta, speedup and crossing (the baseline's steps at L, None if it never gets there) to each
-    run but the baseline; returns the runs, the baseline first."""
+    """Adds delta, speedup and crossing to each run but the baseline; returns the runs, the baseline first.
+
+    delta = final val - the baseline's final val: negative is better. final val is the last evaluation's
+    val_loss, the next-token loss on token input (comparable across phases, unlike the logged MCE).
+    speedup: equal loss. L is the run's final val and N its steps done at that evaluation; crossing k is the
+    first baseline evaluation (k steps done) with val_loss <= L; speed-up = k / N, read at evaluations, so it can
+    overstate by less than one baseline eval_interval / N. If the baseline never gets to L (crossing None) it is
+    K / N with K the baseline's steps, a lower bound. Caveat: at step k the baseline is mid-schedule (its learning
+    rate has not decayed), so the speed-up can be overstated; for a strict figure train baselines of several
+    lengths and compare final losses, as the paper did.
+    """
     per_step = baseline["positions"] / baseline["steps"]
     for run in runs:
         if run is baseline:
@@ -125,31 +130,83 @@ def compare(runs, baseline):
     return [baseline] + [run for run in runs if run is not baseline]
 
 
-COLUMNS = ["run", "s", "r", "mode", "steps", "final val", "data tokens", "positions", "wall (s)", "Δ val",
-           "speed-up"]
+# settings that do not change what a run computes: runs that differ only in these are seeds of one configuration
+NOT_CONFIGURATION = {"seed", "out_dir", "resume", "log_interval", "ckpt_interval", "keep_last", "wandb_project"}
+
+
+def seed_groups(runs):
+    """Runs with the same settings but for the seed, in groups, in the order they first appear."""
+    groups = {}
+    for run in runs:
+        key = json.dumps({k: v for k, v in run["config"].items() if k not in NOT_CONFIGURATION}, sort_keys=True)
+        groups.setdefault(key, []).append(run)
+    return list(groups.values())
+
+
+def mean_sd(values):
+    """The mean and the sample standard deviation (None for a single value)."""
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def steps_cell(run):
+    # "k/N" while a run is unfinished; equal steps are equal FLOPs (compare warns where they are not)
+    return str(run["steps"]) if run["steps"] >= run["max_steps"] else f"{run['steps']}/{run['max_steps']}"
 
 
 def table(runs, baseline, markdown=False):
+    """One row per run; the full-split column only when some run has that figure."""
+    full = any(run["full_split_val"] is not None for run in runs)
+    columns = ["run", "s", "r", "mode", "steps", "final val"] + ["full-split val"] * full + [
+        "data tokens", "positions", "wall (s)", "Δ val", "speed-up"]
     rows = []
     for run in runs:
-        mode = "baseline" if run is baseline else "-" if is_baseline(run) else run["mode"]
-        steps = str(run["steps"]) if run["steps"] >= run["max_steps"] else f"{run['steps']}/{run['max_steps']}"
+        mode = "baseline" if run is baseline else "-" if run["is_baseline"] else run["mode"]
         if run is baseline:
             delta = speedup = "-"
         else:
             delta = f"{run['delta']:+.4f}"
             speedup = ("> " if run["crossing"] is None else "") + f"{run['speedup']:.2f}x"
-        rows.append([run["name"], str(run["s"]), f"{run['r']:g}", mode, steps, f"{run['final_val']:.4f}",
-                     f"{run['data_tokens']:,}", f"{run['positions']:,}", f"{run['wall']:.0f}", delta, speedup])
-    left = {0, 3}  # run and mode are text; the rest are numbers, aligned right
+        rows.append([run["name"], run["s"], f"{run['r']:g}", mode, steps_cell(run), f"{run['final_val']:.4f}"]
+                    + [number(run["full_split_val"])] * full
+                    + [f"{run['data_tokens']:,}", f"{run['positions']:,}", f"{run['wall']:.0f}", delta, speedup])
+    return render(columns, rows, markdown)
+
+
+def seed_table(groups, baseline, markdown=False):
+    """One row per configuration: final val (and full-split val) as mean ± sample sd over its n seeds, and Δ of the
+    means against the baseline's configuration, listed first."""
+    groups = sorted(groups, key=lambda group: baseline not in group)
+    full = any(run["full_split_val"] is not None for group in groups for run in group)
+    columns = ["configuration", "s", "r", "mode", "n", "steps", "final val"] + ["full-split val"] * full + ["Δ val"]
+    base_mean = mean_sd([run["final_val"] for run in groups[0]])[0]
+    rows = []
+    for group in groups:
+        first = group[0]
+        mean, sd = mean_sd([run["final_val"] for run in group])
+        full_split = [run["full_split_val"] for run in group if run["full_split_val"] is not None]
+        rows.append([re.sub(r"_seed\d+$", "", first["name"]), first["s"], f"{first['r']:g}",
+                     "baseline" if baseline in group else first["mode"], str(len(group)),
+                     steps_cell(min(group, key=lambda run: run["steps"])), number(mean, sd)]
+                    + [number(*mean_sd(full_split)) + (f" (n={len(full_split)})" if len(full_split) < len(group)
+                                                       else "") if full_split else "-"] * full
+                    + ["-" if baseline in group else f"{mean - base_mean:+.4f}"])
+    return render(columns, rows, markdown)
+
+
+def number(value, sd=None):
+    return "-" if value is None else f"{value:.4f}" + ("" if sd is None else f" ± {sd:.4f}")
+
+
+def render(columns, rows, markdown):
+    left = {0, 3}  # the name and mode are text; the rest are numbers, aligned right
     if markdown:
-        lines = ["| " + " | ".join(COLUMNS) + " |",
-                 "|" + "|".join(":---" if i in left else "---:" for i in range(len(COLUMNS))) + "|"]
+        lines = ["| " + " | ".join(columns) + " |",
+                 "|" + "|".join(":---" if i in left else "---:" for i in range(len(columns))) + "|"]
         return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
-    widths = [max(len(row[i]) for row in [COLUMNS] + rows) for i in range(len(COLUMNS))]
+    widths = [max(len(row[i]) for row in [columns] + rows) for i in range(len(columns))]
     return "\n".join("  ".join(cell.ljust(w) if i in left else cell.rjust(w)
                                for i, (cell, w) in enumerate(zip(row, widths))).rstrip()
-                     for row in [COLUMNS] + rows)
+                     for row in [columns] + rows)
 
 
 # -----------------------------------------------------------------------------
@@ -168,7 +225,8 @@ def plot(runs, baseline, out):
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     colours = ["black" if run is baseline else f"C{i}" for i, run in enumerate(runs)]
-    # Zoom: every curve starts near log(vocab_size) and would squash the end of training into a flat line.
+    # Zoom: every curve starts near log(vocab_size) and would squash the end of training into a flat line; the
+    # differences that matter are hundredths of a nat.
     top = next(v for k, _, v in baseline["evals"] if k >= 0.1 * baseline["steps"])
     top = max(top, *(run["final_val"] for run in runs))
     bottom = min(v for run in runs for _, _, v in run["evals"])
@@ -192,12 +250,12 @@ def plot(runs, baseline, out):
         plt.close(fig)
         paths.append(out / name)
 
-    fig, ax = figure("Equal FLOPs: validation loss by step (dotted: switch to phase 2)", "steps")
+    fig, ax = figure("Equal FLOPs: validation loss by step (dotted: a change of stage)", "steps")
     for run, colour in zip(runs, colours):
         steps, _, val = zip(*run["evals"])
         ax.plot(steps, val, marker=".", color=colour, label=label(run))
-        if run["switch"] is not None:
-            ax.axvline(run["switch"], color=colour, linestyle=":", linewidth=1)
+        for step in run["boundaries"]:
+            ax.axvline(step, color=colour, linestyle=":", linewidth=1)
     save(fig, ax, "val_loss_vs_steps.png")
 
     fig, ax = figure("Equal data: validation loss by data tokens read", "data tokens")
@@ -227,7 +285,7 @@ def plot(runs, baseline, out):
 
 
 # -----------------------------------------------------------------------------
-# The sweep over s and r
+# Sweeps: the baseline and every (s, r, mode) once per seed, one run after another
 
 def run_state(out_dir):
     """new | done | resume, from what an earlier (possibly interrupted) sweep left in out_dir."""
@@ -241,86 +299,148 @@ def run_state(out_dir):
     if (out_dir / "ckpt.pt").exists():
         return "resume"
     # train.py appends to an existing log, so starting over here would mix two runs in one log
-    raise ValueError(f"{out_dir} holds an unfinished log.jsonl but no checkpoint (ckpt.pt) to resume from: "
-                     f"delete the folder to start that run over")
+    raise UserError(f"{out_dir} holds an unfinished log.jsonl but no checkpoint (ckpt.pt) to resume from: "
+                    f"delete the folder to start that run over")
 
 
-def command_line(args, torchrun):
+def command_line(script, args, torchrun):
     if torchrun:
-        return shlex.join(["torchrun", f"--nproc_per_node={torchrun}", "train.py", "--", *args])
-    return shlex.join(["python", "train.py", *args])
+        return shlex.join(["torchrun", f"--nproc_per_node={torchrun}", script, "--", *args])
+    return shlex.join(["python", script, *args])
 
 
-def summary(root, jobs, s_values, r_values):
-    """Table 4's grid: final val loss (Δ vs the baseline) by s and r; then the full table."""
-    runs = {(s, r): load_run(root / name) for name, s, r in jobs}
-    baseline = runs[1, 0.0]
-    base = baseline["final_val"]
-    lines = [f"# Sweep in {root}: final validation loss by s and r", "",
-             f"Each cell: final val loss (Δ vs the baseline, s=1: {base:.4f}); at s=1 r plays no part.", "",
-             "| s \\ r | " + " | ".join(f"{r:g}" for r in r_values) + " |",
-             "|---:|" + "---:|" * len(r_values),
-             "| 1 (baseline) | " + " | ".join(f"{base:.4f}" for _ in r_values) + " |"]
-    for s in s_values:
-        finals = [runs[s, r]["final_val"] for r in r_values]
-        lines.append(f"| {s} | " + " | ".join(f"{v:.4f} ({v - base:+.4f})" for v in finals) + " |")
-    ordered = compare(list(runs.values()), baseline)
-    return "\n".join(lines + ["", table(ordered, baseline, markdown=True)]) + "\n"
+def sweep_jobs(args):
+    """[(out_dir name, s, r, variant, train.py settings)], seed by seed, each seed's baseline first. The variant is
+    a tst_mode, or "reinit" (full, with the embedding and LM head re-initialised at the switch)."""
+    variants = args.modes + ["reinit"] * args.reinit
+    jobs = []
+    for seed in args.seeds or [None]:
+        tail = "" if seed is None else f"_seed{seed}"
+        seed_setting = [] if seed is None else [f"--seed={seed}"]
+        jobs.append(("baseline" + tail, 1, 0.0, "baseline", ["--s=1", "--r=0"] + seed_setting))
+        for s in args.s:
+            for r in args.r:
+                for variant in variants:
+                    name = f"s{s}_r{r:g}" + ("" if variant == "full" else f"_{variant}") + tail
+                    mode = ["--tst_mode=full", "--reinit_at_switch=True"] if variant == "reinit" else [
+                        f"--tst_mode={variant}"]
+                    jobs.append((name, s, r, variant, [f"--s={s}", f"--r={r:g}", *mode, *seed_setting]))
+    return jobs
+
+
+def summary(root, jobs):
+    """Every configuration's final val as mean ± sd over its seeds, Table 4's grid of the full-mode means by s and r,
+    then every run."""
+    runs = [load_run(root / name) for name, *_ in jobs]
+    baseline = runs[0]
+    means = {}
+    for (_, s, r, variant, _), run in zip(jobs, runs):
+        means.setdefault((s, r, variant), []).append(run["final_val"])
+    means = {key: statistics.mean(values) for key, values in means.items()}
+    base = means[1, 0.0, "baseline"]
+    lines = [f"# Sweep in {root}", "",
+             "Final validation loss by configuration: mean ± sample standard deviation over its n seeds; Δ is the "
+             "difference of the means from the baseline's.", "",
+             seed_table(seed_groups(runs), baseline, markdown=True)]
+    s_values = sorted({s for s, _, variant in means if variant == "full"})
+    r_values = sorted({r for _, r, variant in means if variant == "full"})
+    if s_values:
+        lines += ["", f"Mode full, mean final val loss by s and r (Δ vs the baseline, s=1: {base:.4f}):", "",
+                  "| s \\ r | " + " | ".join(f"{r:g}" for r in r_values) + " |",
+                  "|---:|" + "---:|" * len(r_values),
+                  "| 1 (baseline) | " + " | ".join(f"{base:.4f}" for _ in r_values) + " |"]
+        for s in s_values:
+            finals = [means[s, r, "full"] for r in r_values]
+            lines.append(f"| {s} | " + " | ".join(f"{v:.4f} ({v - base:+.4f})" for v in finals) + " |")
+    lines += ["", "Every run (Δ and speed-up against the first baseline):", "",
+              table(compare(runs, baseline), baseline, markdown=True)]
+    return "\n".join(lines) + "\n"
 
 
 def sweep(argv):
-    p = argparse.ArgumentParser(prog="compare.py sweep", description="Train the baseline and every (s, r) pair, "
-                                "then write OUT_ROOT/summary.md (python compare.py --help for the details).")
+    p = argparse.ArgumentParser(
+        prog="compare.py sweep", description=(
+            "Train the baseline (s=1, r=0) and every (s, r, mode) once per seed, one after another, each as "
+            "python train.py CONFIG --s=S --r=R --tst_mode=MODE [--seed=SEED] --out_dir=OUT_ROOT/NAME [--KEY=VALUE]; "
+            "then write OUT_ROOT/summary.md. NAME is sS_rR, with _MODE for input and output, _reinit for the "
+            "re-initialisation ablation, _seedSEED with --seeds. A finished run is skipped and one with a "
+            "checkpoint resumes, so the same command continues an interrupted sweep; once everything has run "
+            "it only writes the summary. The config's s_schedule, if it has one, must be empty."))
     p.add_argument("--config", required=True, help="a train.py config file, e.g. config/tiny_tst.py")
     p.add_argument("--s", type=int, nargs="+", required=True, help="bag sizes, each >= 2")
     p.add_argument("--r", type=float, nargs="+", required=True, help="phase-1 fractions, each in (0, 1)")
+    p.add_argument("--modes", nargs="+", choices=["full", "input", "output"], default=["full"],
+                   help="tst_mode of the TST runs (default: full); input and output are the paper's ablations")
+    p.add_argument("--reinit", action="store_true", help="also a full run with the input embedding and LM head "
+                   "re-initialised at the switch (reinit_at_switch=True, the paper's ablation)")
+    p.add_argument("--seeds", type=int, nargs="+", help="run each configuration once per seed (default: the "
+                   "config's seed, and names without _seedSEED)")
     p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                    help="more train.py settings for every run, passed on as --KEY=VALUE")
-    p.add_argument("--out_root", default="runs/sweep", help="each run goes to OUT_ROOT/sS_rR (default runs/sweep)")
-    p.add_argument("--torchrun", type=int, metavar="N", help="print torchrun commands for N processes per node")
+    p.add_argument("--out_root", default="runs/sweep", help="the runs' parent folder (default runs/sweep)")
+    p.add_argument("--full_split_eval", action="store_true", help="after training, score each run's final "
+                   f"checkpoint on the whole validation split (python eval.py --ckpt RUN/ckpt.pt "
+                   f"{shlex.join(FULL_SPLIT_EVAL)}); the summary shows it beside the in-training final val")
+    p.add_argument("--torchrun", type=int, metavar="N", help="print the commands for torchrun with N processes "
+                   "(after a -- that keeps torchrun from reading the script's options)")
     p.add_argument("--dry_run", action="store_true", help="print the commands instead of running them")
     args = p.parse_args(argv)
     if args.torchrun is not None and args.torchrun < 1:
-        raise ValueError(f"--torchrun {args.torchrun}: the number of processes per node must be >= 1")
+        raise UserError(f"--torchrun {args.torchrun}: the number of processes per node must be >= 1")
     if not Path(args.config).is_file():
-        raise FileNotFoundError(f"config file {args.config} not found")
+        raise UserError(f"config file {args.config} not found")
     if any(s < 2 for s in args.s) or any(not 0 < r < 1 for r in args.r):
-        raise ValueError(f"--s {args.s} --r {args.r}: TST needs s >= 2 and 0 < r < 1; the baseline (s=1, r=0) "
-                         f"is run once anyway")
+        raise UserError(f"--s {' '.join(map(str, args.s))} --r {' '.join(f'{r:g}' for r in args.r)}: TST needs "
+                        f"s >= 2 and 0 < r < 1; the baseline (s=1, r=0) is run anyway")
+    if len(set(args.seeds or [])) < len(args.seeds or []):
+        raise UserError(f"--seeds {' '.join(map(str, args.seeds))}: a seed is repeated")
     overrides = []
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise ValueError(f"--set {item}: write KEY=VALUE")
-        if key in ("s", "r", "out_dir", "resume"):
-            raise ValueError(f"--set {item}: the sweep sets {key} itself")
+            raise UserError(f"--set {item}: write KEY=VALUE")
+        own = {"s": "--s", "r": "--r", "tst_mode": "--modes", "reinit_at_switch": "--reinit", "seed": "--seeds",
+               "out_dir": "--out_root", "resume": "rerunning the sweep"}
+        if key in own:
+            raise UserError(f"--set {item}: the sweep sets {key} itself; use {own[key]}")
         overrides.append(f"--{key}={value}")
 
     root = Path(args.out_root)
-    jobs = [("baseline", 1, 0.0)] + [(f"s{s}_r{r:g}", s, r) for s in args.s for r in args.r]
+    jobs = sweep_jobs(args)
     print_only = args.dry_run or args.torchrun is not None
-    states = [run_state(root / name) for name, _, _ in jobs]  # first, so a bad folder stops the sweep before any run
-    for (name, s, r), state in zip(jobs, states):
+    states = [run_state(root / name) for name, *_ in jobs]  # first, so a bad folder stops the sweep before any run
+    for (name, *_, settings), state in zip(jobs, states):
         out = root / name
         if state == "done":
             print(f"# finished: {out}")
             continue
-        cmd = [args.config, f"--s={s}", f"--r={r:g}", f"--out_dir={out}", *overrides]
-        cmd += ["--resume=True"] if state == "resume" else []
+        cmd = [args.config, *settings, f"--out_dir={out}", *overrides] + ["--resume=True"] * (state == "resume")
         if print_only:
-            print(command_line(cmd, args.torchrun))
+            print(command_line("train.py", cmd, args.torchrun))
             continue
-        print(f"==> {command_line(cmd, None)}", flush=True)
-        result = subprocess.run([sys.executable, str(TRAIN), *cmd])
-        if result.returncode != 0:
-            raise RuntimeError(f"train.py exited with {result.returncode} for {out}; fix the cause and run the sweep "
-                               f"again: finished runs are skipped and interrupted ones resume")
+        print(f"==> {command_line('train.py', cmd, None)}", flush=True)
+        if subprocess.run([sys.executable, str(HERE / "train.py"), *cmd]).returncode != 0:
+            raise UserError(f"train.py stopped on {out} (its message is above); fix the cause and run the sweep "
+                            f"again: finished runs are skipped and interrupted ones resume")
+    to_score = jobs if args.full_split_eval else []
+    for (name, *_), state in zip(to_score, states):
+        out = root / name
+        trained = state == "done" or not print_only  # when only printing, the other runs do not exist yet
+        if trained and load_run(out)["full_split_val"] is not None:
+            continue
+        cmd = ["--ckpt", str(out / "ckpt.pt"), *FULL_SPLIT_EVAL]
+        if print_only:
+            print(command_line("eval.py", cmd, None))
+            continue
+        print(f"==> {command_line('eval.py', cmd, None)}", flush=True)
+        if subprocess.run([sys.executable, str(HERE / "eval.py"), *cmd]).returncode != 0:
+            raise UserError(f"eval.py stopped on {out} (its message is above); fix the cause and run the sweep "
+                            f"again: finished runs and evaluations are skipped")
     if print_only:
-        if set(states) != {"done"}:
-            print(f"# when these have finished, run this sweep again without --dry_run/--torchrun: it writes "
-                  f"{root / 'summary.md'}")
+        print(f"# when these have finished, run this sweep again without --dry_run/--torchrun: it writes "
+              f"{root / 'summary.md'}")
         return
-    text = summary(root, jobs, args.s, args.r)
+    text = summary(root, jobs)
     (root / "summary.md").write_text(text)
     print(text, end="")
     print(f"wrote {root / 'summary.md'}")
@@ -334,8 +454,10 @@ def main(argv):
     p = argparse.ArgumentParser(prog="compare.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="train.py out_dirs (config.json, log.jsonl)")
-    p.add_argument("--baseline", metavar="RUN_DIR", help="the run to compare against (default: the one run with "
-                   "s=1 or r=0)")
+    p.add_argument("--baseline", metavar="RUN_DIR", help="the run to compare against (default: the one run whose "
+                   "log has no phase-1 step)")
+    p.add_argument("--by_seed", action="store_true", help="one row per configuration: runs whose settings differ "
+                   "only by seed as mean ± sample sd over their n seeds (the plots still show every run)")
     p.add_argument("--out", help="folder for the PNGs (default: the first run's parent folder, or ./plots when "
                    "that is the current folder)")
     p.add_argument("--markdown", action="store_true", help="print the table in Markdown")
@@ -343,9 +465,12 @@ def main(argv):
     folders = [folder for folder in args.runs
                if not args.baseline or Path(folder).resolve() != Path(args.baseline).resolve()]
     runs = [load_run(folder) for folder in ([args.baseline] if args.baseline else []) + folders]
-    baseline = runs[0] if args.baseline else find_baseline(runs)
+    baseline = runs[0] if args.baseline else find_baseline(runs, args.by_seed)
     runs = compare(runs, baseline)
-    print(table(runs, baseline, markdown=args.markdown))
+    if args.by_seed:
+        print(seed_table(seed_groups(runs), baseline, markdown=args.markdown))
+    else:
+        print(table(runs, baseline, markdown=args.markdown))
     out = args.out or Path(args.runs[0]).resolve().parent
     if not args.out and out == Path.cwd():
         out = Path("plots")
@@ -356,6 +481,6 @@ def main(argv):
 if __name__ == "__main__":
     try:
         main(sys.argv[1:])
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -1,33 +1,47 @@
-"""compare.py on hand-made run folders: the table's numbers checked by hand, the plots, the sweep's commands."""
+"""compare.py on hand-made run folders: the table's numbers checked by hand, seeds averaged, the plots, the sweep's
+commands, and the errors a user sees."""
 
 import json
 import math
+import runpy
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 import compare
+from data import UserError
 
 POSITIONS = 1000  # per step, in every run
+ROOT = Path(__file__).resolve().parents[1]
 
 
-def fake_run(folder, s, r, vals, eval_interval=100, steps=None, dt=0.5, finish=True, positions=POSITIONS):
+def fake_run(folder, s, r, vals, eval_interval=100, steps=None, dt=0.5, finish=True, positions=POSITIONS,
+             schedule=(), **settings):
     """A run folder as train.py leaves it: val_loss vals[i] after (i+1)*eval_interval steps; phase 1 reads s data
-    tokens per position. steps < max_steps makes a run still training (finish=False: a half-written last line)."""
+    tokens per position. steps < max_steps makes a run still training (finish=False: a half-written last line).
+    A schedule [(end_fraction, s), ...] writes a newer log, with each step's bag size "s"; settings go to
+    config.json."""
     folder = Path(folder)
     folder.mkdir(parents=True)
     max_steps = eval_interval * len(vals)
-    config = dict(s=s, r=r, tst_mode="full", weights="uniform", max_steps=max_steps, seq_len=8,
-                  eval_interval=eval_interval)
+    config = dict(s=s, r=r, tst_mode="full", max_steps=max_steps, seq_len=8, max_seq_len=8, seed=1337,
+                  eval_interval=eval_interval, data_dir="data/x", out_dir=str(folder))
+    config.update(settings)
+    if schedule:
+        config["s_schedule"] = [list(stage) for stage in schedule]
+    stages = list(schedule) or ([] if s == 1 else [(r, s)])
     (folder / "config.json").write_text(json.dumps(config))
-    switch = 0 if s == 1 else math.floor(r * max_steps)
     lines, data_tokens = [], 0
     for step in range(max_steps if steps is None else steps):
-        phase = 1 if step < switch else 2
-        data_tokens += positions * (s if phase == 1 else 1)
+        bag = next((size for end, size in stages if step < math.floor(end * max_steps)), 1)
+        phase = 1 if bag > 1 else 2
+        data_tokens += positions * bag
         record = dict(step=step, phase=phase, loss=9.9, positions=positions * (step + 1), data_tokens=data_tokens,
                       dt=dt)
+        if schedule:
+            record["s"] = bag
         if (step + 1) % eval_interval == 0:
             record["val_loss"] = vals[(step + 1) // eval_interval - 1]
         lines.append(json.dumps(record) + "\n")
@@ -59,7 +73,7 @@ def test_final_loss_data_tokens_positions_and_wall_clock(runs):
     assert tst["data_tokens"] == 50 * 1000 * 4 + 150 * 1000  # 50 steps of bags, 150 of tokens
     assert tst["positions"] == 200 * 1000  # the same as a baseline's 200 steps: equal FLOPs
     assert tst["wall"] == pytest.approx(200 * 0.25)
-    assert tst["switch"] == 50 and table["base"]["switch"] is None
+    assert tst["boundaries"] == [50] and table["base"]["boundaries"] == []  # the switch to phase 2
     assert table["base"]["data_tokens"] == table["base"]["positions"] == 400 * 1000
     assert table["base"]["wall"] == pytest.approx(400 * 0.5)
 
@@ -110,7 +124,7 @@ def test_a_run_still_training_is_read_up_to_its_last_complete_line(tmp_path):
     run = compare.load_run(running)
     assert run["steps"] == 250 and run["max_steps"] == 400
     assert run["final_val"] == 2.3  # the last evaluation, after 200 steps
-    assert run["switch"] == 100
+    assert run["boundaries"] == [100]
     base = compare.load_run(fake_run(tmp_path / "base", 1, 0.0, [3.0, 2.5, 2.2, 2.0]))
     rows = compare.compare([base, run], base)
     assert rows[1]["speedup"] == 300 / 200  # N is the steps at the run's last evaluation, not 250
@@ -120,9 +134,9 @@ def test_a_run_still_training_is_read_up_to_its_last_complete_line(tmp_path):
 def test_baseline_detection(runs, tmp_path):
     also_baseline = fake_run(tmp_path / "s4_r0", 4, 0.0, [2.9, 2.4])  # r = 0: no superposition phase
     assert load(runs["tst"], also_baseline)[1]["name"] == "s4_r0"
-    with pytest.raises(ValueError, match="several baselines.*--baseline"):
+    with pytest.raises(UserError, match="several baselines.*--baseline RUN_DIR, or average seeds with --by_seed"):
         load(runs["base"], also_baseline)
-    with pytest.raises(ValueError, match=r"no baseline among .*tst, .*better.*--baseline"):
+    with pytest.raises(UserError, match=r"no baseline among .*tst, .*better.*--baseline"):
         load(runs["tst"], runs["better"])
 
 
@@ -136,22 +150,118 @@ def test_an_explicit_baseline_is_compared_against_and_listed_first(runs, tmp_pat
 
 def test_a_folder_without_the_files_is_named(tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match=r"empty: no config\.json"):
+    with pytest.raises(UserError, match=r"empty: no config\.json"):
         compare.load_run(tmp_path / "empty")
     (tmp_path / "empty" / "config.json").write_text("{}")
-    with pytest.raises(FileNotFoundError, match=r"empty: no log\.jsonl"):
+    with pytest.raises(UserError, match=r"empty: no log\.jsonl"):
         compare.load_run(tmp_path / "empty")
     young = fake_run(tmp_path / "young", 1, 0.0, [3.0], steps=50)
-    with pytest.raises(ValueError, match="young: no evaluation in log.jsonl yet"):
+    with pytest.raises(UserError, match="young: no evaluation in log.jsonl yet"):
         compare.load_run(young)
+    broken = fake_run(tmp_path / "broken", 1, 0.0, [3.0])
+    (broken / "log.jsonl").write_text('{"step": 0}\nnot json\n{"step": 2}\n')
+    with pytest.raises(UserError, match=r"broken/log.jsonl, line 2: not a JSON line"):
+        compare.load_run(broken)
 
 
-def test_help_defines_the_speedup(capsys):
-    with pytest.raises(SystemExit):
-        compare.main(["--help"])
-    text = " ".join(capsys.readouterr().out.split())
-    assert "k is the first baseline evaluation (k = step + 1 steps done) with val_loss <= L. speed-up = k / N" in text
-    assert '"> K/N", K the baseline\'s steps, a lower bound' in text
+def test_a_baseline_is_a_run_whose_log_has_no_phase_1_step(tmp_path):
+    # train.py's newer defaults are s = 1: a TST config may set only s_schedule, and its log tells
+    staged = compare.load_run(fake_run(tmp_path / "staged", 1, 0.0, [2.6, 2.1], schedule=[(0.15, 8), (0.3, 4)]))
+    assert not staged["is_baseline"]
+    # and a config that names s = 4 but whose log never left phase 2 is a baseline
+    assert compare.load_run(fake_run(tmp_path / "flat", 4, 0.0, [2.6, 2.1]))["is_baseline"]
+
+
+def test_the_stages_of_a_schedule_are_read_from_the_log(tmp_path):
+    staged = compare.load_run(fake_run(tmp_path / "staged", 1, 0.0, [2.6, 2.1], schedule=[(0.15, 8), (0.3, 4)]))
+    assert staged["boundaries"] == [30, 60]  # s = 8 for steps 0-29, s = 4 for 30-59, then next-token
+    assert staged["data_tokens"] == 30 * 1000 * 8 + 30 * 1000 * 4 + 140 * 1000
+    assert (staged["s"], staged["r"]) == ("8,4", 0.3)
+
+
+def seeds(folder, s, r, finals, **settings):
+    """One run per final val loss, seeds 1337, 2, 3, ...; named FOLDER, FOLDER_seed2, ..."""
+    for seed, final in zip([1337, 2, 3], finals):
+        name = folder.name + ("" if seed == 1337 else f"_seed{seed}")
+        fake_run(folder.with_name(name), s, r, [2.8, final] if s == 1 else [2.6, final], seed=seed, **settings)
+    return [str(folder.with_name(folder.name + suffix)) for suffix in ["", "_seed2", "_seed3"][:len(finals)]]
+
+
+def test_by_seed_averages_runs_that_differ_only_by_seed(tmp_path, capsys):
+    base = seeds(tmp_path / "base", 1, 0.0, [2.0, 2.2])
+    tst = seeds(tmp_path / "tst", 4, 0.25, [1.9, 2.0, 2.1])
+    other_lr = seeds(tmp_path / "lr", 4, 0.25, [1.5], lr=1e-3)  # another setting: another configuration
+    compare.main([*tst, *base, *other_lr, "--by_seed", "--markdown", "--out", str(tmp_path / "plots")])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "| configuration | s | r | mode | n | steps | final val | Δ val |"
+    # base: mean 2.1, sd sqrt((0.1² + 0.1²) / 1) = 0.1414; tst: mean 2.0, sd sqrt((0.1² + 0 + 0.1²) / 2) = 0.1
+    assert lines[2:] == ["| base | 1 | 0 | baseline | 2 | 200 | 2.1000 ± 0.1414 | - |",
+                         "| tst | 4 | 0.25 | full | 3 | 200 | 2.0000 ± 0.1000 | -0.1000 |",
+                         "| lr | 4 | 0.25 | full | 1 | 200 | 1.5000 | -0.6000 |"]
+
+
+def test_a_resumed_seed_is_still_the_same_configuration(tmp_path):
+    runs = [compare.load_run(f) for f in seeds(tmp_path / "tst", 4, 0.25, [1.9, 2.0])]
+    config = json.loads((runs[1]["folder"] / "config.json").read_text())
+    (runs[1]["folder"] / "config.json").write_text(json.dumps({**config, "resume": True, "ckpt_interval": 7}))
+    assert len(compare.seed_groups([compare.load_run(run["folder"]) for run in runs])) == 1
+    (runs[1]["folder"] / "config.json").write_text(json.dumps({**config, "tst_mode": "input"}))
+    assert len(compare.seed_groups([compare.load_run(run["folder"]) for run in runs])) == 2
+
+
+def test_seeds_of_several_baseline_configurations_need_a_choice(tmp_path):
+    runs = [compare.load_run(f) for f in seeds(tmp_path / "base", 1, 0.0, [2.0, 2.2])
+            + seeds(tmp_path / "wide", 1, 0.0, [2.0], dim=256)]
+    with pytest.raises(UserError, match="several baselines .*choose one with --baseline RUN_DIR$"):
+        compare.find_baseline(runs, by_seed=True)
+    assert compare.find_baseline(runs[:2], by_seed=True) is runs[0]
+
+
+def split_eval(run, n, val_tokens, loss=1.95):
+    """eval.py's results for the run's last checkpoint: the held-out loss over n tokens of a val split of
+    val_tokens tokens (its data folder's meta.json)."""
+    data = run / "data"
+    data.mkdir()
+    (data / "meta.json").write_text(json.dumps({"val_tokens": val_tokens}))
+    steps = json.loads((run / "config.json").read_text())["max_steps"]
+    results = [{"task": "heldout_val", "metric": metric, "value": value, "n": n, "data": str(data), "step": steps}
+               for metric, value in [("loss", loss), ("ppl", math.exp(loss))]]
+    (run / f"eval_step{steps}.json").write_text(json.dumps({"step": steps, "results": results}))
+
+
+def test_the_whole_split_loss_is_a_column_beside_the_in_training_one(runs, tmp_path, capsys):
+    # a val split of 1,001 tokens in rows of 8 + 1: 125 rows score 1,000 targets, the whole split
+    split_eval(runs["tst"], 1000, 1001, loss=2.1234)
+    compare.main([str(runs["base"]), str(runs["tst"]), "--markdown", "--out", str(tmp_path / "plots")])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("| run | s | r | mode | steps | final val | full-split val | data tokens |")
+    assert lines[2].startswith("| base | 1 | 0 | baseline | 400 | 2.0000 | - | 400,000 |")
+    assert lines[3].startswith("| tst | 4 | 0.25 | full | 200 | 2.2000 | 2.1234 | 350,000 |")
+
+
+def test_a_loss_over_part_of_the_split_is_not_shown_as_the_whole(runs, capsys):
+    split_eval(runs["tst"], 160, 1001)  # eval.py's default: a few batches
+    assert compare.load_run(runs["tst"])["full_split_val"] is None
+    assert "eval_step200.json scored 160 val tokens, not the whole split" in capsys.readouterr().err
+    assert compare.load_run(runs["base"])["full_split_val"] is None  # no eval file: no figure, no warning
+    assert capsys.readouterr().err == ""
+
+
+def test_user_mistakes_print_one_line_and_bugs_keep_their_traceback(tmp_path, monkeypatch, capsys):
+    def compare_py(*args):  # as `python compare.py ARGS` runs it, in this process
+        monkeypatch.setattr(sys, "argv", ["compare.py", *map(str, args)])
+        runpy.run_path(str(ROOT / "compare.py"), run_name="__main__")
+
+    with pytest.raises(SystemExit) as stopped:
+        compare_py(tmp_path / "nowhere")
+    assert stopped.value.code == 1
+    assert capsys.readouterr().err == (f"error: {tmp_path / 'nowhere'}: no config.json; a run folder is a train.py "
+                                       f"out_dir (config.json and log.jsonl)\n")
+    # a log without the phase of each step is not train.py's: compare.py's own assumption fails, with its traceback
+    run = fake_run(tmp_path / "odd", 1, 0.0, [3.0])
+    (run / "log.jsonl").write_text('{"step": 0, "val_loss": 3.0, "data_tokens": 1}\n')
+    with pytest.raises(KeyError, match="phase"):
+        compare_py(run)
 
 
 def test_the_three_plots(runs, tmp_path, capsys):
@@ -186,29 +296,87 @@ def scratch(tmp_path, monkeypatch):
     return tmp_path
 
 
+def commands(capsys):
+    return [line for line in capsys.readouterr().out.splitlines() if not line.startswith("#")]
+
+
 def test_sweep_dry_run_prints_every_command(scratch, capsys):
     root = scratch / "sweep"
     compare.main(["sweep", "--config", "config/tiny_tst.py", "--s", "2", "4", "--r", "0.2", "0.3", "--set",
                   "max_steps=2000", "eval_interval=250", "--out_root", str(root), "--dry_run"])
-    lines = [line for line in capsys.readouterr().out.splitlines() if not line.startswith("#")]
     extra = "--max_steps=2000 --eval_interval=250"
-    assert lines == [
+    assert commands(capsys) == [
         f"python train.py config/tiny_tst.py --s=1 --r=0 --out_dir={root}/baseline {extra}",
-        f"python train.py config/tiny_tst.py --s=2 --r=0.2 --out_dir={root}/s2_r0.2 {extra}",
-        f"python train.py config/tiny_tst.py --s=2 --r=0.3 --out_dir={root}/s2_r0.3 {extra}",
-        f"python train.py config/tiny_tst.py --s=4 --r=0.2 --out_dir={root}/s4_r0.2 {extra}",
-        f"python train.py config/tiny_tst.py --s=4 --r=0.3 --out_dir={root}/s4_r0.3 {extra}",
+        f"python train.py config/tiny_tst.py --s=2 --r=0.2 --tst_mode=full --out_dir={root}/s2_r0.2 {extra}",
+        f"python train.py config/tiny_tst.py --s=2 --r=0.3 --tst_mode=full --out_dir={root}/s2_r0.3 {extra}",
+        f"python train.py config/tiny_tst.py --s=4 --r=0.2 --tst_mode=full --out_dir={root}/s4_r0.2 {extra}",
+        f"python train.py config/tiny_tst.py --s=4 --r=0.3 --tst_mode=full --out_dir={root}/s4_r0.3 {extra}",
     ]
     assert not root.exists()
 
 
+def test_sweep_of_the_ablations_and_seeds(scratch, capsys):
+    compare.main(["sweep", "--config", "config/tiny_tst.py", "--s", "2", "--r", "0.25", "--modes", "input", "output",
+                  "full", "--reinit", "--seeds", "1337", "2", "--out_root", "ab", "--dry_run"])
+    train = "python train.py config/tiny_tst.py"
+    assert commands(capsys) == [
+        f"{train} --s=1 --r=0 --seed=1337 --out_dir=ab/baseline_seed1337",
+        f"{train} --s=2 --r=0.25 --tst_mode=input --seed=1337 --out_dir=ab/s2_r0.25_input_seed1337",
+        f"{train} --s=2 --r=0.25 --tst_mode=output --seed=1337 --out_dir=ab/s2_r0.25_output_seed1337",
+        f"{train} --s=2 --r=0.25 --tst_mode=full --seed=1337 --out_dir=ab/s2_r0.25_seed1337",
+        f"{train} --s=2 --r=0.25 --tst_mode=full --reinit_at_switch=True --seed=1337 "
+        f"--out_dir=ab/s2_r0.25_reinit_seed1337",
+        f"{train} --s=1 --r=0 --seed=2 --out_dir=ab/baseline_seed2",
+        f"{train} --s=2 --r=0.25 --tst_mode=input --seed=2 --out_dir=ab/s2_r0.25_input_seed2",
+        f"{train} --s=2 --r=0.25 --tst_mode=output --seed=2 --out_dir=ab/s2_r0.25_output_seed2",
+        f"{train} --s=2 --r=0.25 --tst_mode=full --seed=2 --out_dir=ab/s2_r0.25_seed2",
+        f"{train} --s=2 --r=0.25 --tst_mode=full --reinit_at_switch=True --seed=2 "
+        f"--out_dir=ab/s2_r0.25_reinit_seed2",
+    ]
+
+
 def test_sweep_torchrun_commands_put_the_script_arguments_after_a_double_dash(scratch, capsys):
     compare.main(["sweep", "--config", "config/270m_tst.py", "--s", "6", "--r", "0.3", "--torchrun", "8"])
-    lines = [line for line in capsys.readouterr().out.splitlines() if not line.startswith("#")]
-    assert lines == [
+    assert commands(capsys) == [
         "torchrun --nproc_per_node=8 train.py -- config/270m_tst.py --s=1 --r=0 --out_dir=runs/sweep/baseline",
-        "torchrun --nproc_per_node=8 train.py -- config/270m_tst.py --s=6 --r=0.3 --out_dir=runs/sweep/s6_r0.3",
+        "torchrun --nproc_per_node=8 train.py -- config/270m_tst.py --s=6 --r=0.3 --tst_mode=full "
+        "--out_dir=runs/sweep/s6_r0.3",
     ]
+
+
+def test_the_full_split_evaluations_of_a_dry_run(scratch, capsys):
+    root = scratch / "sweep"
+    fake_run(root / "baseline", 1, 0.0, [2.8, 2.2])
+    split_eval(root / "baseline", 1000, 1001)  # already scored on the whole split
+    fake_run(root / "s2_r0.3", 2, 0.3, [2.6, 2.0])  # finished, scored on part of it
+    split_eval(root / "s2_r0.3", 160, 1001)
+    compare.main(["sweep", "--config", "config/tiny_tst.py", "--s", "2", "4", "--r", "0.3", "--out_root", str(root),
+                  "--full_split_eval", "--dry_run"])
+    assert commands(capsys) == [
+        f"python train.py config/tiny_tst.py --s=4 --r=0.3 --tst_mode=full --out_dir={root}/s4_r0.3",
+        f"python eval.py --ckpt {root}/s2_r0.3/ckpt.pt --loss_tokens=all",
+        f"python eval.py --ckpt {root}/s4_r0.3/ckpt.pt --loss_tokens=all",
+    ]
+
+
+def stand_in(launched):
+    """subprocess.run for train.py (leaves a finished run in its out_dir: val 2.8, 2.2 for a baseline, 2.6 then
+    2.0 + seed / 1000 for TST) and eval.py (scores the run's whole val split: 1.9)."""
+    def run(cmd):
+        launched.append([Path(cmd[1]).name] + cmd[2:])
+        if cmd[1].endswith("eval.py"):
+            split_eval(Path(cmd[3]).parent, 1000, 1001, loss=1.9)
+            return subprocess.CompletedProcess(cmd, 0)
+        settings = dict(a[2:].split("=", 1) for a in cmd[3:])
+        out, s, seed = Path(settings["out_dir"]), int(settings["s"]), int(settings.get("seed", 1337))
+        if out.exists():
+            for name in ("config.json", "log.jsonl", "ckpt.pt"):
+                (out / name).unlink()
+            out.rmdir()
+        fake_run(out, s, 0.0 if s == 1 else 0.3, [2.8, 2.2] if s == 1 else [2.6, 2.0 + seed / 1000], seed=seed,
+                 tst_mode=settings.get("tst_mode", "full"), reinit_at_switch=settings.get("reinit_at_switch") == "True")
+        return subprocess.CompletedProcess(cmd, 0)
+    return run
 
 
 def test_an_interrupted_sweep_skips_finished_runs_and_resumes_the_rest(scratch, monkeypatch, capsys):
@@ -217,24 +385,12 @@ def test_an_interrupted_sweep_skips_finished_runs_and_resumes_the_rest(scratch, 
     fake_run(root / "s4_r0.3", 4, 0.3, [2.6, 2.1], steps=150)  # killed after its checkpoint at step 100
     (root / "s4_r0.3" / "ckpt.pt").write_text("")
     launched = []
-
-    def train(cmd):  # stands in for train.py: leaves a finished run in its out_dir
-        launched.append(cmd[2:])
-        out = Path(next(a for a in cmd if a.startswith("--out_dir="))[len("--out_dir="):])
-        s = int(next(a for a in cmd if a.startswith("--s="))[4:])
-        if out.exists():
-            (out / "config.json").unlink()
-            (out / "log.jsonl").unlink()
-            (out / "ckpt.pt").unlink()
-            out.rmdir()
-        fake_run(out, s, 0.0 if s == 1 else 0.3, [2.8, 2.2] if s == 1 else [2.6, 2.0])
-        return subprocess.CompletedProcess(cmd, 0)
-
-    monkeypatch.setattr(compare.subprocess, "run", train)
+    monkeypatch.setattr(compare.subprocess, "run", stand_in(launched))
     compare.main(["sweep", "--config", "config/tiny_tst.py", "--s", "2", "4", "--r", "0.3", "--out_root", str(root)])
     assert launched == [
-        ["config/tiny_tst.py", "--s=1", "--r=0", f"--out_dir={root}/baseline"],
-        ["config/tiny_tst.py", "--s=4", "--r=0.3", f"--out_dir={root}/s4_r0.3", "--resume=True"],
+        ["train.py", "config/tiny_tst.py", "--s=1", "--r=0", f"--out_dir={root}/baseline"],
+        ["train.py", "config/tiny_tst.py", "--s=4", "--r=0.3", "--tst_mode=full", f"--out_dir={root}/s4_r0.3",
+         "--resume=True"],
     ]
     assert "# finished: " + str(root / "s2_r0.3") in capsys.readouterr().out
 
@@ -242,8 +398,14 @@ def test_an_interrupted_sweep_skips_finished_runs_and_resumes_the_rest(scratch, 
 def test_a_partial_run_without_a_checkpoint_stops_the_sweep_before_anything_runs(scratch):
     root = scratch / "sweep"
     fake_run(root / "s4_r0.3", 4, 0.3, [2.6, 2.1], steps=50)
-    with pytest.raises(ValueError, match="s4_r0.3 holds an unfinished log.jsonl but no checkpoint"):
+    with pytest.raises(UserError, match="s4_r0.3 holds an unfinished log.jsonl but no checkpoint"):
         compare.main(["sweep", "--config", "config/tiny_tst.py", "--s", "4", "--r", "0.3", "--out_root", str(root)])
+
+
+def test_a_failed_training_run_stops_the_sweep(scratch, monkeypatch):
+    monkeypatch.setattr(compare.subprocess, "run", lambda cmd: subprocess.CompletedProcess(cmd, 1))
+    with pytest.raises(UserError, match="train.py stopped on sweep/baseline .*run the sweep again"):
+        compare.main(["sweep", "--config", "config/tiny_tst.py", "--s", "4", "--r", "0.3", "--out_root", "sweep"])
 
 
 def test_sweep_summary_is_a_grid_of_final_loss_by_s_and_r(scratch, capsys):
@@ -267,9 +429,41 @@ def test_sweep_summary_is_a_grid_of_final_loss_by_s_and_r(scratch, capsys):
     assert "| s8_r0.2 | 8 | 0.2 | full | 200 | 1.9700 |" in text and text.count("> 2.00x") == 1
 
 
-def test_sweep_rejects_what_it_sets_itself(scratch):
-    with pytest.raises(ValueError, match="the sweep sets out_dir itself"):
-        compare.main(["sweep", "--config", "config/tiny_tst.py", "--s", "4", "--r", "0.3", "--set", "out_dir=x",
-                      "--dry_run"])
-    with pytest.raises(ValueError, match="s >= 2 and 0 < r < 1"):
+def test_sweep_summary_of_seeds_and_modes_with_the_whole_split(scratch, monkeypatch):
+    root = scratch / "sweep"
+    launched = []
+    monkeypatch.setattr(compare.subprocess, "run", stand_in(launched))
+    compare.main(["sweep", "--config", "config/tiny_tst.py", "--s", "2", "--r", "0.3", "--modes", "full", "input",
+                  "--reinit", "--seeds", "1", "3", "--out_root", str(root), "--full_split_eval"])
+    assert [cmd[0] for cmd in launched] == ["train.py"] * 8 + ["eval.py"] * 8  # all training first
+    lines = (root / "summary.md").read_text().splitlines()
+    # each TST configuration: 2.001 and 2.003 -> mean 2.002, sd 0.002 / sqrt(2) = 0.0014; baseline 2.2 twice
+    table = lines[lines.index("| configuration | s | r | mode | n | steps | final val | full-split val | Δ val |"):]
+    tst = "| 2 | 200 | 2.0020 ± 0.0014 | 1.9000 ± 0.0000 | -0.1980 |"
+    assert table[2:6] == ["| baseline | 1 | 0 | baseline | 2 | 200 | 2.2000 ± 0.0000 | 1.9000 ± 0.0000 | - |",
+                          f"| s2_r0.3 | 2 | 0.3 | full {tst}",
+                          f"| s2_r0.3_input | 2 | 0.3 | input {tst}",
+                          f"| s2_r0.3_reinit | 2 | 0.3 | full+reinit {tst}"]
+    assert "| 2 | 2.0020 (-0.1980) |" in lines  # the grid of mode full's means
+    launched.clear()
+    compare.main(["sweep", "--config", "config/tiny_tst.py", "--s", "2", "--r", "0.3", "--modes", "full", "input",
+                  "--reinit", "--seeds", "1", "3", "--out_root", str(root), "--full_split_eval"])
+    assert launched == []  # everything trained and scored: the summary only
+
+
+def test_sweep_rejects_bad_arguments(scratch):
+    def sweep(*args):
+        compare.main(["sweep", "--config", "config/tiny_tst.py", "--s", "4", "--r", "0.3", *args, "--dry_run"])
+
+    for setting, option in [("out_dir", "--out_root"), ("seed", "--seeds"), ("tst_mode", "--modes"),
+                            ("reinit_at_switch", "--reinit")]:
+        with pytest.raises(UserError, match=f"--set {setting}=x: the sweep sets {setting} itself; use {option}"):
+            sweep("--set", f"{setting}=x")
+    with pytest.raises(UserError, match="--set lr: write KEY=VALUE"):
+        sweep("--set", "lr")
+    with pytest.raises(UserError, match="--seeds 1 2 1: a seed is repeated"):
+        sweep("--seeds", "1", "2", "1")
+    with pytest.raises(UserError, match="--torchrun 0: the number of processes per node must be >= 1"):
+        sweep("--torchrun", "0")
+    with pytest.raises(UserError, match=r"--s 1 --r 0.3: TST needs s >= 2 and 0 < r < 1"):
         compare.main(["sweep", "--config", "config/tiny_tst.py", "--s", "1", "--r", "0.3", "--dry_run"])
