@@ -25,7 +25,8 @@ from pathlib import Path
 from data import UserError
 
 HERE = Path(__file__).parent
-# eval.py's held-out loss over every token of the validation split; it writes RUN/eval_step{step}.json
+# eval.py's held-out loss over every token of the validation split, written to RUN/eval_step{step}.json as the task
+# heldout_val_all
 FULL_SPLIT_EVAL = ["--loss_tokens=all"]
 
 
@@ -55,7 +56,7 @@ def load_run(folder):
         mode=config["tst_mode"] + ("+reinit" if config.get("reinit_at_switch") else ""),
         is_baseline=all(r["phase"] == 2 for r in log),
         boundaries=[r["step"] for r, before in zip(log[1:], stage) if (r["phase"], r.get("s")) != before],
-        final_val=evals[-1][2], full_split_val=full_split_loss(folder, steps, config),
+        final_val=evals[-1][2], full_split_val=full_split_loss(folder, steps),
         data_tokens=log[-1]["data_tokens"], positions=log[-1]["positions"], wall=sum(r["dt"] for r in log))
 
 
@@ -72,22 +73,11 @@ def read_log(path):
     return records
 
 
-def full_split_loss(folder, steps, config):
-    """eval.py's held-out loss at the run's last step if it scored the whole validation split, else None."""
+def full_split_loss(folder, steps):
+    """eval.py's loss over the whole validation split (--loss_tokens all) at the run's last step, or None."""
     path = folder / f"eval_step{steps}.json"
     rows = json.loads(path.read_text())["results"] if path.is_file() else []
-    row = next((r for r in rows if r["task"] == "heldout_val" and r["metric"] == "loss"), None)
-    if row is None:
-        return None
-    meta = Path(row.get("data", config["data_dir"])) / "meta.json"
-    split = json.loads(meta.read_text())["val_tokens"] if meta.is_file() else None
-    # rows of up to max_seq_len + 1 tokens: less than one row's worth of the split's targets can be left over
-    if split is not None and row["n"] > split - 1 - config["max_seq_len"]:
-        return row["value"]
-    print(f"warning: {path} scored {row['n']:,} val tokens, not the whole split ({meta}: "
-          f"{'missing' if split is None else f'{split:,} tokens'}); rerun python eval.py --ckpt "
-          f"{shlex.quote(str(folder / 'ckpt.pt'))} {shlex.join(FULL_SPLIT_EVAL)}", file=sys.stderr)
-    return None
+    return next((r["value"] for r in rows if r["task"] == "heldout_val_all" and r["metric"] == "loss"), None)
 
 
 def find_baseline(runs, by_seed=False):

@@ -217,21 +217,17 @@ def test_seeds_of_several_baseline_configurations_need_a_choice(tmp_path):
     assert compare.find_baseline(runs[:2], by_seed=True) is runs[0]
 
 
-def split_eval(run, n, val_tokens, loss=1.95):
-    """eval.py's results for the run's last checkpoint: the held-out loss over n tokens of a val split of
-    val_tokens tokens (its data folder's meta.json)."""
-    data = run / "data"
-    data.mkdir()
-    (data / "meta.json").write_text(json.dumps({"val_tokens": val_tokens}))
+def split_eval(run, loss, task="heldout_val_all"):
+    """eval.py's results for the run's last checkpoint: the held-out loss over the whole val split (eval.py
+    --loss_tokens all), or with task heldout_val over the rows train.py evaluates."""
     steps = json.loads((run / "config.json").read_text())["max_steps"]
-    results = [{"task": "heldout_val", "metric": metric, "value": value, "n": n, "data": str(data), "step": steps}
+    results = [{"task": task, "metric": metric, "value": value, "n": 1000, "step": steps}
                for metric, value in [("loss", loss), ("ppl", math.exp(loss))]]
     (run / f"eval_step{steps}.json").write_text(json.dumps({"step": steps, "results": results}))
 
 
 def test_the_whole_split_loss_is_a_column_beside_the_in_training_one(runs, tmp_path, capsys):
-    # a val split of 1,001 tokens in rows of 8 + 1: 125 rows score 1,000 targets, the whole split
-    split_eval(runs["tst"], 1000, 1001, loss=2.1234)
+    split_eval(runs["tst"], 2.1234)
     compare.main([str(runs["base"]), str(runs["tst"]), "--markdown", "--out", str(tmp_path / "plots")])
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("| run | s | r | mode | steps | final val | full-split val | data tokens |")
@@ -239,12 +235,12 @@ def test_the_whole_split_loss_is_a_column_beside_the_in_training_one(runs, tmp_p
     assert lines[3].startswith("| tst | 4 | 0.25 | full | 200 | 2.2000 | 2.1234 | 350,000 |")
 
 
-def test_a_loss_over_part_of_the_split_is_not_shown_as_the_whole(runs, capsys):
-    split_eval(runs["tst"], 160, 1001)  # eval.py's default: a few batches
+def test_a_loss_over_part_of_the_split_is_not_the_whole_split(runs):
+    split_eval(runs["tst"], 2.1234, task="heldout_val")  # eval.py's default: train.py's evaluation rows
     assert compare.load_run(runs["tst"])["full_split_val"] is None
-    assert "eval_step200.json scored 160 val tokens, not the whole split" in capsys.readouterr().err
-    assert compare.load_run(runs["base"])["full_split_val"] is None  # no eval file: no figure, no warning
-    assert capsys.readouterr().err == ""
+    split_eval(runs["better"], 2.1234)
+    (runs["better"] / "eval_step200.json").rename(runs["better"] / "eval_step100.json")  # not the last step
+    assert compare.load_run(runs["better"])["full_split_val"] is None
 
 
 def test_user_mistakes_print_one_line_and_bugs_keep_their_traceback(tmp_path, monkeypatch, capsys):
@@ -347,9 +343,9 @@ def test_sweep_torchrun_commands_put_the_script_arguments_after_a_double_dash(sc
 def test_the_full_split_evaluations_of_a_dry_run(scratch, capsys):
     root = scratch / "sweep"
     fake_run(root / "baseline", 1, 0.0, [2.8, 2.2])
-    split_eval(root / "baseline", 1000, 1001)  # already scored on the whole split
+    split_eval(root / "baseline", 2.1)  # already scored on the whole split
     fake_run(root / "s2_r0.3", 2, 0.3, [2.6, 2.0])  # finished, scored on part of it
-    split_eval(root / "s2_r0.3", 160, 1001)
+    split_eval(root / "s2_r0.3", 2.1, task="heldout_val")
     compare.main(["sweep", "--config", "config/tiny_tst.py", "--s", "2", "4", "--r", "0.3", "--out_root", str(root),
                   "--full_split_eval", "--dry_run"])
     assert commands(capsys) == [
@@ -365,7 +361,7 @@ def stand_in(launched):
     def run(cmd):
         launched.append([Path(cmd[1]).name] + cmd[2:])
         if cmd[1].endswith("eval.py"):
-            split_eval(Path(cmd[3]).parent, 1000, 1001, loss=1.9)
+            split_eval(Path(cmd[3]).parent, 1.9)
             return subprocess.CompletedProcess(cmd, 0)
         settings = dict(a[2:].split("=", 1) for a in cmd[3:])
         out, s, seed = Path(settings["out_dir"]), int(settings["s"]), int(settings.get("seed", 1337))
