@@ -1,43 +1,21 @@
 """
-Data for tst: text corpora -> token shards -> the rows both TST phases train on.
-
-Prepare a folder once, then train from it with TokenLoader:
+Data for tst: text corpora -> token shards, prepared once -> the rows both TST phases train on (TokenLoader).
 
     python data.py --source stdlib --tokenizer bytes --out_dir data/stdlib_bytes
     python data.py --source dclm --tokenizer llama3:tokenizer.model --out_dir data/dclm --max_tokens 105e9
+    python data.py mi ARGS...      pairwise mutual information between tokens at distance d (mutual_info.py)
 
-Tokenizers (get_tokenizer):
-    bytes                  offline, no download: ids 0..255 are the UTF-8 bytes, 256 is end-of-text
-    gpt2, cl100k_base, o200k_base (any tiktoken encoding name)
-                           downloaded once by tiktoken into $TIKTOKEN_CACHE_DIR (pre-seed it for offline machines)
-    llama3:PATH            Llama 3's original tokenizer.model (tiktoken format: 'base64(bytes) rank' per line),
-                           its 256 special tokens numbered after the ranks (bos 128000, eot 128001, 128,256 ids)
+`python data.py --help` lists the sources and tokenizers. The first documents (at least --val_tokens tokens) become the
+val split, the rest the train shards; re-running the same command resumes an interrupted or extended preparation.
 
-Sources (SOURCE):
-    stdlib                 the .py files of the running Python's standard library (site-packages excluded):
-                           the offline corpus of the tiny config, one document per file
-    dclm                   mlfoundations/dclm-baseline-1.0 (the paper's dense runs), streamed from the Hugging Face hub
-    fineweb-edu[:CONFIG]   HuggingFaceFW/fineweb-edu, streamed; CONFIG is e.g. sample-10BT, sample-100BT, sample-350BT
-    hf:NAME[:CONFIG]       any Hugging Face dataset, streamed (split "train", column --text_field)
-    GLOB                   local files: *.jsonl / *.json / *.parquet (optionally .gz/.xz/.bz2/.zst) are read through
-                           `datasets` (one document per row, column --text_field), any other file is one UTF-8 document
-    W*SOURCE,W*SOURCE,...  a mix by weight of text, e.g. 0.5*dclm,0.5*fineweb-edu (the paper's MoE data): the next
-                           document always comes from the source furthest below its share of characters so far
-
-Preparation tokenizes in parallel, puts end-of-text (then BOS, if the tokenizer has one) before every document, holds out the first documents (at least
---val_tokens tokens) as the validation split and writes the rest in order as train shards of about --shard_tokens
-tokens, each ending at a document boundary. meta.json records the settings and, for every finished shard, how many
-documents of the source it completes, so re-running the same command skips finished shards and resumes after the
-last intact one (an interrupted or extended run, e.g. with a larger --max_tokens).
-
-Shard file OUT_DIR/{split}_{index:06d}.bin: a 24-byte little-endian header (8-byte magic b"TSTTOKEN", uint32 format
-version, uint32 bytes per token (2: uint16, 4: uint32), uint64 token count), then the tokens, little-endian.
+Shard OUT_DIR/{split}_{index:06d}.bin: a 24-byte little-endian header (b"TSTTOKEN", uint32 format version, uint32 bytes
+per token: 2 or 4, uint64 token count), then the tokens, little-endian; meta.json lists the shards and the settings.
 
 Loader order: a split is one stream, its shards in order, cut into chunks of chunk_tokens tokens (a chunk never spans
-two shards). Epoch e serves the chunks in the order np.random.default_rng([seed, e]).permutation(n_chunks); the
-epochs, one after another, form an endless stream from which rows are cut back to back (each row's last token is the
-next row's first). The position in that stream is the loader's whole state: it is the same on every rank, so a
-checkpoint taken on any rank resumes all of them, even under another world size or row length.
+two shards). Epoch e serves the chunks in the order np.random.default_rng([seed, e]).permutation(n_chunks); rows are cut
+back to back from the endless stream of epochs (each row's last token is the next row's first). The position in that
+stream is the loader's whole state, the same on every rank: a checkpoint from any rank resumes all of them, under any
+world size or row length.
 """
 
 import argparse
@@ -52,13 +30,13 @@ import os
 import re
 import shlex
 import struct
+import sys
 import sysconfig
 import time
 from pathlib import Path
 
 import numpy as np
 import tiktoken
-import torch
 
 
 class UserError(Exception):
@@ -98,6 +76,8 @@ class Tokenizer:
 
 
 def get_tokenizer(name):
+    """bytes (offline: the UTF-8 bytes, 256 is end-of-text), a tiktoken encoding name (gpt2, cl100k_base, o200k_base:
+    downloaded once into $TIKTOKEN_CACHE_DIR) or llama3:PATH (Llama 3's original tokenizer.model)."""
     if name == "bytes":
         # tiktoken with no merges is plain UTF-8 bytes, and faster than doing it in Python
         ranks = {bytes([b]): b for b in range(256)}
@@ -110,32 +90,32 @@ def get_tokenizer(name):
         enc = tiktoken.Encoding("llama3", pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks, special_tokens=specials)
         return Tokenizer(name, enc, eot=specials["<|end_of_text|>"], bos=specials["<|begin_of_text|>"])
     if name not in tiktoken.list_encoding_names():
-        raise ValueError(f"unknown tokenizer {name!r}: use bytes, llama3:PATH or one of "
-                         f"{tiktoken.list_encoding_names()}")
+        raise UserError(f"unknown tokenizer {name!r}: use bytes, llama3:PATH or one of "
+                        f"{', '.join(tiktoken.list_encoding_names())}")
     try:
         enc = tiktoken.get_encoding(name)
     except OSError as e:  # tiktoken's download failed
-        raise RuntimeError(f"tiktoken could not download the {name!r} encoding ({e}). Without network, point "
-                           f"TIKTOKEN_CACHE_DIR at a cache seeded on a machine with network (see the README)") from e
+        raise UserError(f"tiktoken could not download the {name!r} encoding ({e}). Without network, point "
+                        f"TIKTOKEN_CACHE_DIR at a cache seeded on a machine with network (see the README)") from e
     return Tokenizer(name, enc, eot=enc.eot_token)
 
 
 def _read_ranks(path):
     """A tiktoken-format BPE file. Read here rather than by tiktoken.load, which would write a copy into its cache."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"tokenizer file {path!r} not found (tokenizer 'llama3:{path}'): give the path of "
-                                f"Llama 3's original tokenizer.model")
+        raise UserError(f"tokenizer file {path!r} not found (tokenizer 'llama3:{path}'): give the path of "
+                        f"Llama 3's original tokenizer.model")
     ranks = {}
     for n, line in enumerate(Path(path).read_bytes().splitlines(), 1):
         try:
             token, rank = line.split()
             ranks[base64.b64decode(token, validate=True)] = int(rank)
         except ValueError:
-            raise ValueError(f"{path}, line {n}: {line[:60]!r} is not 'base64(token bytes) rank': the "
-                             f"llama3: tokenizer needs the tiktoken-format tokenizer.model (Meta's original/ folder)"
-                             ) from None
+            raise UserError(f"{path}, line {n}: {line[:60]!r} is not 'base64(token bytes) rank': the "
+                            f"llama3: tokenizer needs the tiktoken-format tokenizer.model (Meta's original/ folder)"
+                            ) from None
     if sorted(ranks.values()) != list(range(len(ranks))) or any(bytes([b]) not in ranks for b in range(256)):
-        raise ValueError(f"{path}: the ranks must be 0..{len(ranks) - 1}, each once, and include all 256 single bytes")
+        raise UserError(f"{path}: the ranks must be 0..{len(ranks) - 1}, each once, and include all 256 single bytes")
     return ranks
 
 
@@ -157,7 +137,7 @@ def _documents(source, text_field="text"):
         m = WEIGHTED.match(part)
         weight, spec = (float(m[1]), m[2]) if m else (1.0, part)
         if weight <= 0:
-            raise ValueError(f"mix {source!r}: weight of {spec!r} must be positive")
+            raise UserError(f"mix {source!r}: weight of {spec!r} must be positive")
         weights.append(weight)
         streams.append(_open_source(spec, text_field))
     return _mix(streams, weights, parts)
@@ -168,21 +148,21 @@ def _open_source(spec, text_field):
         return _stdlib_documents()
     name, _, config = spec.partition(":")
     if name in HF_NAMED:
-        return _hf_documents(HF_NAMED[name], config or None, None, text_field)
+        return _hf_documents(spec, HF_NAMED[name], config or None, None, text_field)
     if name == "hf":
         path, _, config = config.partition(":")
-        return _hf_documents(path, config or None, None, text_field)
+        return _hf_documents(spec, path, config or None, None, text_field)
     files = sorted(f for f in glob.glob(spec, recursive=True) if os.path.isfile(f))
     if not files:
-        raise FileNotFoundError(f"source {spec!r}: no such dataset or local file ({SOURCE_HELP})")
+        raise UserError(f"source {spec!r}: no such dataset or local file ({SOURCE_HELP})")
     kinds = {_file_kind(f) for f in files}
     if len(kinds) > 1:
-        raise ValueError(f"source {spec!r} matches files of several kinds ({sorted(kinds)}): "
-                         f"give one glob per kind, as a mix")
+        raise UserError(f"source {spec!r} matches files of several kinds ({sorted(kinds)}): "
+                        f"give one glob per kind, as a mix")
     kind = kinds.pop()
     if kind == "text":
         return (Path(f).read_text("utf-8", errors="replace") for f in files)
-    return _hf_documents(kind, None, files, text_field)
+    return _hf_documents(spec, kind, None, files, text_field)
 
 
 def _file_kind(path):
@@ -202,21 +182,30 @@ def _stdlib_documents():
     return (Path(root, f).read_text("utf-8", errors="replace") for f in files)
 
 
-def _hf_documents(path, config, data_files, text_field):
+def _hf_documents(spec, path, config, data_files, text_field):
     import datasets  # here, not at the top: it takes a second to import and only these sources need it
 
-    rows = datasets.load_dataset(path, config, data_files=data_files, split="train", streaming=True)
+    try:
+        rows = datasets.load_dataset(path, config, data_files=data_files, split="train", streaming=True)
+    except OSError as e:  # not on the hub, no network, no such config: datasets' messages name the cause
+        raise UserError(f"source {spec!r} could not be opened: {e}") from e
 
     def documents():
         for row in rows:
             if text_field not in row:
-                raise ValueError(f"dataset {path} ({data_files or config}) has no column {text_field!r} "
-                                 f"(its columns: {sorted(row)}): pass --text_field")
-            yield row[text_field] or ""
+                raise UserError(f"source {spec!r} has no column {text_field!r} (its columns: {sorted(row)}): "
+                                f"pass --text_field")
+            text = row[text_field]
+            # checked here: a column of another type would fail inside a tokenizer process, far from its cause
+            if text is not None and not isinstance(text, str):
+                raise UserError(f"source {spec!r}: column {text_field!r} holds {type(text).__name__}, not text: "
+                                f"pass the text column as --text_field")
+            yield text or ""
     return documents()
 
 
 def _mix(streams, weights, names):
+    """The next document always comes from the source furthest below its share of characters so far."""
     taken = [0] * len(streams)  # characters taken from each source
     while True:
         i = min(range(len(streams)), key=lambda i: taken[i] / weights[i])
@@ -248,35 +237,35 @@ def write_shard(path, tokens, dtype):
     os.replace(tmp, path)
 
 
-def read_shard(path):
-    """The tokens of a shard, memory-mapped, after checking its header against the file."""
+def read_shard(path, fix="re-run the python data.py command that made it"):
+    """The tokens of a shard, memory-mapped, after checking its header against the file; `fix` ends each complaint."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path} is missing: {fix}")
     with open(path, "rb") as f:
         head = f.read(HEADER.size)
     if len(head) < HEADER.size or not head.startswith(MAGIC):
-        raise ValueError(f"{path} is not a tst token shard (bad magic {head[:8]!r}): prepare it with python data.py")
+        raise UserError(f"{path} is not a tst token shard (bad magic {head[:8]!r}): {fix}")
     _, version, itemsize, n = HEADER.unpack(head)
     if version != VERSION or itemsize not in (2, 4):
-        raise ValueError(f"{path}: shard format version {version} with {itemsize}-byte tokens; this data.py reads "
-                         f"version {VERSION} with 2 or 4: prepare the data again")
+        raise UserError(f"{path}: shard format version {version} with {itemsize}-byte tokens; this data.py reads "
+                        f"version {VERSION} with 2 or 4: {fix}")
     if os.path.getsize(path) != HEADER.size + n * itemsize:
-        raise ValueError(f"{path} is truncated or damaged: its header promises {n:,} tokens "
-                         f"({HEADER.size + n * itemsize:,} bytes), the file has {os.path.getsize(path):,} bytes. "
-                         f"Re-run the python data.py command that made it: it rewrites the data from the first broken "
-                         f"shard on")
+        raise UserError(f"{path} is truncated or damaged: its header promises {n:,} tokens "
+                        f"({HEADER.size + n * itemsize:,} bytes), the file has {os.path.getsize(path):,} bytes: {fix}")
     return np.memmap(path, DTYPES["uint16" if itemsize == 2 else "uint32"], "r", offset=HEADER.size, shape=(n,))
 
 
 def load_meta(data_dir):
     path = Path(data_dir) / "meta.json"
     if not path.exists():
-        raise FileNotFoundError(f"{path} not found: prepare the data first, e.g. python data.py --source stdlib "
-                                f"--tokenizer bytes --out_dir {data_dir}")
+        example = ["python", "data.py", "--source", "stdlib", "--tokenizer", "bytes", "--out_dir", str(data_dir)]
+        raise UserError(f"{path} not found: prepare the data first, e.g. {shlex.join(example)}")
     meta = json.loads(path.read_text())
     if not meta["done"]:
-        raise ValueError(f"{data_dir} is only partly prepared: finish it with {_command(meta, data_dir)}")
+        raise UserError(f"{data_dir} is only partly prepared: finish it with {_command(meta, data_dir)}")
     if meta["vocab_size"] - 1 > np.iinfo(DTYPES[meta["dtype"]]).max:
-        raise ValueError(f"{path}: vocab_size {meta['vocab_size']:,} does not fit dtype {meta['dtype']}: "
-                         f"prepare again with dtype uint32")
+        raise UserError(f"{path}: vocab_size {meta['vocab_size']:,} does not fit dtype {meta['dtype']}: "
+                        f"prepare again with --dtype uint32")
     return meta
 
 
@@ -299,15 +288,25 @@ BATCH_CHARS = 1 << 20  # text per tokenizer task: big enough to amortise the int
 def prepare(source, tokenizer, out_dir, *, val_tokens=1_000_000, shard_tokens=100_000_000, max_tokens=None,
             text_field="text", dtype=None, num_proc=None):
     """Tokenize SOURCE into shards in OUT_DIR (see the module docstring); returns meta.json's contents."""
+    for name, value, least in (("val_tokens", val_tokens, 0), ("shard_tokens", shard_tokens, 1),
+                               ("max_tokens", max_tokens, 1), ("num_proc", num_proc, 1)):
+        if value is not None and value < least:
+            raise UserError(f"--{name} {value}: it must be at least {least}")
     tok = get_tokenizer(tokenizer)
     dtype = dtype or ("uint16" if tok.n_vocab <= 1 << 16 else "uint32")
     if dtype not in DTYPES:
-        raise ValueError(f"dtype={dtype!r}: shards hold uint16 or uint32 tokens")
+        raise UserError(f"--dtype {dtype}: shards hold uint16 or uint32 tokens")
     if tok.n_vocab - 1 > np.iinfo(DTYPES[dtype]).max:
-        raise ValueError(f"tokenizer {tokenizer!r} has {tok.n_vocab:,} ids, too many for dtype={dtype}: "
-                         f"use uint32 or leave dtype unset")
+        raise UserError(f"tokenizer {tokenizer!r} has {tok.n_vocab:,} ids, too many for --dtype {dtype}: "
+                        f"use uint32 or leave --dtype unset")
+    all_documents = _documents(source, text_field)  # opened, and so checked, before anything is written
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file in the way, a read-only parent
+        raise UserError(f"--out_dir {out_dir} cannot be created ({e.strerror}): choose another --out_dir") from None
+    if not os.access(out_dir, os.W_OK):
+        raise UserError(f"--out_dir {out_dir} is read-only: choose another --out_dir")
     settings = {"source": source, "tokenizer": tokenizer, "vocab_size": tok.n_vocab, "dtype": dtype, "eot": tok.eot,
                 "bos": tok.bos, "text_field": text_field, "val_target": val_tokens, "shard_tokens": shard_tokens}
     meta = _resume(out_dir, settings)
@@ -318,10 +317,10 @@ def prepare(source, tokenizer, out_dir, *, val_tokens=1_000_000, shard_tokens=10
     t0 = shown = time.time()
     before = meta["train_tokens"] + meta["val_tokens"]
     meta.update(done=False, max_tokens=max_tokens)
-    documents = itertools.islice(_documents(source, text_field), meta["docs"], None)
+    documents = itertools.islice(all_documents, meta["docs"], None)
     split = "val" if meta["val_tokens"] < val_tokens else "train"
     shard, shard_len, exhausted = [], 0, True
-    for tokens in _encode(_batches(documents), tokenizer, dtype, num_proc or os.cpu_count()):
+    for tokens in _encode(_batches(documents), tok, dtype, num_proc or os.cpu_count()):
         meta["docs"] += 1
         shard.append(tokens)
         shard_len += len(tokens)
@@ -343,9 +342,14 @@ def prepare(source, tokenizer, out_dir, *, val_tokens=1_000_000, shard_tokens=10
     if shown > t0:
         print()  # past the progress line
     if meta["train_tokens"] == 0:
-        raise ValueError(f"source {source!r} gave {meta['docs']:,} documents and {meta['val_tokens']:,} tokens, "
-                         f"none left for training after the {val_tokens:,} validation tokens: give more data or a "
-                         f"smaller val_tokens")
+        # nothing is left behind (meta.json comes with the first train shard): the retry may use other settings
+        for shard in meta["shards"]:
+            (out_dir / shard["file"]).unlink()
+        if not any(out_dir.iterdir()):
+            out_dir.rmdir()
+        raise UserError(f"source {source!r} gave {meta['docs']:,} documents and {meta['val_tokens']:,} tokens, "
+                        f"none left for training after the {val_tokens:,} validation tokens: give more data or a "
+                        f"smaller --val_tokens")
     meta.update(done=True, exhausted=exhausted)
     _write_meta(out_dir, meta)
     written = meta["train_tokens"] + meta["val_tokens"] - before
@@ -363,12 +367,13 @@ def _resume(out_dir, settings):
     meta = json.loads(path.read_text())
     changed = {k: (meta.get(k), v) for k, v in settings.items() if meta.get(k) != v}
     if changed:
-        raise ValueError(f"{out_dir} holds data prepared with other settings {changed} (there, here): "
-                         f"use another out_dir, or delete {out_dir}")
+        raise UserError(f"{out_dir} holds data prepared with other settings {changed} (there, here; val_target is "
+                        f"--val_tokens): use another --out_dir or delete that folder. It was made by "
+                        f"{_command(meta, out_dir)}")
     for i, shard in enumerate(meta["shards"]):
         try:
             ok = len(read_shard(out_dir / shard["file"])) == shard["tokens"]
-        except (OSError, ValueError):
+        except (OSError, UserError):
             ok = False
         if not ok:
             print(f"{out_dir / shard['file']} is missing or broken: preparing again from there")
@@ -392,9 +397,10 @@ def _batches(documents):
         yield batch
 
 
-def _encode(batches, tokenizer, dtype, num_proc):
+def _encode(batches, tok, dtype, num_proc):
     """The token arrays of the documents, in order, tokenized by num_proc processes."""
-    with multiprocessing.Pool(num_proc, _start_worker, (tokenizer, dtype)) as pool:
+    # the workers get the tokenizer built and checked here: a Pool respawns a worker whose initializer fails, forever
+    with multiprocessing.Pool(num_proc, _start_worker, (tok, DTYPES[dtype])) as pool:
         # a bounded queue rather than pool.imap, which would read a streamed corpus far ahead into memory
         pending = collections.deque()
         for batch in batches:
@@ -405,9 +411,9 @@ def _encode(batches, tokenizer, dtype, num_proc):
             yield from pending.popleft().get()
 
 
-def _start_worker(tokenizer, dtype):
+def _start_worker(tok, dtype):
     global _worker
-    _worker = get_tokenizer(tokenizer), DTYPES[dtype]
+    _worker = tok, dtype
 
 
 def _encode_batch(texts):
@@ -420,7 +426,10 @@ def _finish_shard(out_dir, meta, split, tokens):
     tokens = np.concatenate(tokens)
     write_shard(out_dir / name, tokens, meta["dtype"])
     meta["shards"].append({"file": name, "split": split, "tokens": len(tokens), "docs_end": meta["docs"]})
-    _write_meta(out_dir, meta)
+    # no meta.json before the first train shard: a preparation that fails sooner (a source too small for
+    # --val_tokens, an interruption) does not tie the folder to its settings, and a re-run starts afresh
+    if split == "train":
+        _write_meta(out_dir, meta)
 
 
 def _write_meta(out_dir, meta):
@@ -435,6 +444,24 @@ def _write_meta(out_dir, meta):
 CHUNK_TOKENS = 1 << 16  # the unit of shuffling; a row that spans two chunks joins two unrelated places in the corpus
 
 
+def _split_shards(data_dir, split):
+    """meta.json and the shards of one split, each checked against meta.json now rather than hours into a run."""
+    meta = load_meta(data_dir)
+    shards = [s for s in meta["shards"] if s["split"] == split]
+    if not shards:
+        present = sorted({s["split"] for s in meta["shards"]})
+        raise UserError(f"{data_dir} has no {split!r} split (it has {present}): prepare the data into another "
+                        f"--out_dir with --val_tokens above 0 for a val split")
+    fix = f"re-run {_command(meta, data_dir)}"
+    for shard in shards:
+        path = Path(data_dir) / shard["file"]
+        tokens = read_shard(path, fix)
+        if len(tokens) != shard["tokens"] or tokens.dtype != DTYPES[meta["dtype"]]:
+            raise UserError(f"{path} holds {len(tokens):,} {tokens.dtype} tokens, meta.json says "
+                            f"{shard['tokens']:,} {meta['dtype']}: {fix}")
+    return meta, shards
+
+
 class TokenLoader:
     """Rows for either TST phase from one split, in the order the module docstring gives.
 
@@ -447,19 +474,9 @@ class TokenLoader:
             raise ValueError(f"rank {rank} is not in 0..world_size-1 = 0..{world_size - 1}")
         self.data_dir, self.split, self.batch_size = Path(data_dir), split, batch_size
         self.seed, self.rank, self.world_size, self.chunk_tokens = seed, rank, world_size, chunk_tokens
-        meta = load_meta(data_dir)
+        meta, shards = _split_shards(data_dir, split)
         self.vocab_size = meta["vocab_size"]
-        shards = [s for s in meta["shards"] if s["split"] == split]
-        if not shards:
-            present = sorted({s["split"] for s in meta["shards"]})
-            raise ValueError(f"{data_dir} has no {split!r} split (it has {present}): prepare it with val_tokens > 0 "
-                             f"for a val split")
         self._files = [self.data_dir / s["file"] for s in shards]
-        for path, shard in zip(self._files, shards):  # check every shard now rather than hours into a run
-            tokens = read_shard(path)
-            if len(tokens) != shard["tokens"] or tokens.dtype != DTYPES[meta["dtype"]]:
-                raise ValueError(f"{path} holds {len(tokens):,} {tokens.dtype} tokens, meta.json says "
-                                 f"{shard['tokens']:,} {meta['dtype']}: re-run {_command(meta, data_dir)}")
         # chunk i is tokens [start, start + length) of shard _shard[i]
         chunks = np.array([(i, start, min(chunk_tokens, s["tokens"] - start))
                            for i, s in enumerate(shards) for start in range(0, s["tokens"], chunk_tokens)])
@@ -496,9 +513,9 @@ class TokenLoader:
     def next_rows(self, L):
         """(batch_size, L+1) int64: this rank's rows of the next world_size*batch_size rows of L tokens (+1 label)."""
         if L + 1 > self.tokens:
-            raise ValueError(f"a row of {L + 1:,} tokens is longer than the whole {self.split!r} split of "
-                             f"{self.data_dir} ({self.tokens:,} tokens): prepare more data (val_tokens for val) "
-                             f"or use a smaller T or s")
+            raise UserError(f"a row of {L + 1:,} tokens is longer than the whole {self.split!r} split of "
+                            f"{self.data_dir} ({self.tokens:,} tokens): prepare more data (--val_tokens for val) "
+                            f"or use a smaller T or s")
         B = self.batch_size
         tokens = self._read(self.position + self.rank * B * L, B * L + 1)
         self.position += self.world_size * B * L
@@ -508,6 +525,7 @@ class TokenLoader:
                 print(f"TokenLoader: the {self.split} split of {self.data_dir} ({self.tokens:,} tokens) has been "
                       f"served in full; epoch {self.epoch} starts, repeating it in a new order", flush=True)
         rows = np.lib.stride_tricks.sliding_window_view(tokens, L + 1)[::L]  # a view: row i starts at token i*L
+        import torch  # here, not at the top: preparing data needs no torch, whose import takes seconds
         return torch.from_numpy(rows.astype(np.int64))
 
     def state_dict(self):
@@ -518,8 +536,8 @@ class TokenLoader:
         mine = self.state_dict()
         changed = {k: (state[k], mine[k]) for k in mine if k != "position" and state[k] != mine[k]}
         if changed:
-            raise ValueError(f"the checkpoint's loader read another stream {changed} (checkpoint, here): resume "
-                             f"with the same data folder, split and seed")
+            raise UserError(f"the checkpoint's loader read another stream {changed} (checkpoint, here): resume "
+                            f"with the same data folder, split and seed")
         self.position = state["position"]
         self.epoch = self.position // self.tokens
 
@@ -528,30 +546,68 @@ def validation_rows(data_dir, seq_len, max_rows):
     """The fixed held-out rows: up to max_rows rows of seq_len + 1 tokens from the start of the val split, in order,
     each row's last token the next row's first, so that every val token is scored at most once. The same rows for
     every process count and every evaluation; train.py splits them among the ranks, eval.py reads the same."""
-    loader = TokenLoader(data_dir, "val", 1)
-    n_rows = min(max_rows, (loader.tokens - 1) // seq_len)
+    if seq_len < 1 or max_rows < 1:
+        raise UserError(f"validation rows of seq_len {seq_len}, at most {max_rows} of them: both must be at least 1")
+    _, shards = _split_shards(data_dir, "val")
+    split_tokens = sum(s["tokens"] for s in shards)
+    n_rows = min(max_rows, (split_tokens - 1) // seq_len)
     if n_rows < 1:
-        raise UserError(f"the val split of {data_dir} ({loader.tokens:,} tokens) is shorter than one row of "
-                        f"{seq_len + 1} tokens: prepare it with a larger --val_tokens")
-    tokens = torch.from_numpy(np.concatenate([read_shard(f) for f in loader._files])[:n_rows * seq_len + 1]
-                              .astype(np.int64))
+        raise UserError(f"the val split of {data_dir} ({split_tokens:,} tokens) is shorter than one row of "
+                        f"{seq_len + 1} tokens: prepare the data with a larger --val_tokens")
+    need, parts = n_rows * seq_len + 1, []
+    for shard in shards:  # only the prefix the rows cover
+        parts.append(read_shard(Path(data_dir) / shard["file"])[:need])
+        need -= len(parts[-1])
+        if need == 0:
+            break
+    import torch  # as in next_rows
+    tokens = torch.from_numpy(np.concatenate(parts).astype(np.int64))
     return tokens.unfold(0, seq_len + 1, seq_len)
 
 
 # -----------------------------------------------------------------------------
 
-if __name__ == "__main__":
+def count(text):
+    """A whole number of tokens, written 105e9 if need be."""
+    value = float(text)
+    if not value.is_integer():  # also inf and nan; argparse reports the ValueError as "invalid count value"
+        raise ValueError(text)
+    return int(value)
+
+
+def main(argv):
+    """The command line: `mi ARGS...` runs mutual_info.py's, anything else prepares a data folder."""
+    if argv[:1] == ["mi"]:
+        import mutual_info  # here, not at the top: only this subcommand needs it
+        mutual_info.main(argv[1:])
+        return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--source", required=True, help="SOURCE, see above")
-    parser.add_argument("--tokenizer", required=True, help="bytes, gpt2, cl100k_base, o200k_base or llama3:PATH")
+    parser.add_argument("--source", required=True, help=(
+        "stdlib (the .py files of this Python's standard library: offline, one document per file), dclm, "
+        "fineweb-edu[:CONFIG] (e.g. sample-10BT), hf:NAME[:CONFIG] (any Hugging Face dataset: its train split, "
+        "streamed), a glob of local files in quotes (*.jsonl, *.json, *.parquet, optionally .gz/.xz/.bz2/.zst, read "
+        "through datasets; any other file is one document) or a mix by weight of characters, W*SOURCE,W*SOURCE,..."))
+    parser.add_argument("--tokenizer", required=True, help=(
+        "bytes (offline), a tiktoken encoding: gpt2, cl100k_base, o200k_base (downloaded once into "
+        "$TIKTOKEN_CACHE_DIR), or llama3:PATH (Llama 3's original tokenizer.model)"))
     parser.add_argument("--out_dir", required=True)
-    count = lambda x: int(float(x))  # so that 105e9 works
     parser.add_argument("--val_tokens", type=count, default=1_000_000, help="held out, from the first documents")
     parser.add_argument("--shard_tokens", type=count, default=100_000_000)
     parser.add_argument("--max_tokens", type=count, default=None, help="stop after this many train tokens")
     parser.add_argument("--text_field", default="text", help="the text column of dataset sources")
     parser.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: uint16 if the vocabulary fits")
     parser.add_argument("--num_proc", type=int, default=None, help="tokenizer processes (default: all cores)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     prepare(args.source, args.tokenizer, args.out_dir, val_tokens=args.val_tokens, shard_tokens=args.shard_tokens,
             max_tokens=args.max_tokens, text_field=args.text_field, dtype=args.dtype, num_proc=args.num_proc)
+
+
+if __name__ == "__main__":
+    # `import data` in a module run from here (mutual_info) must get this module, not a second copy whose UserError
+    # the except below would not catch
+    sys.modules["data"] = sys.modules[__name__]
+    try:
+        main(sys.argv[1:])
+    except UserError as e:
+        print("error:", " ".join(str(e).splitlines()), file=sys.stderr)  # one line, even for a library's message
+        sys.exit(1)

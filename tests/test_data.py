@@ -4,13 +4,19 @@ import base64
 import json
 import os
 import random
+import shlex
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 import data
+from data import UserError
 
+ROOT = Path(__file__).resolve().parents[1]
 EOT_TEXT = "<|endoftext|>"
 
 
@@ -148,8 +154,11 @@ def test_datasets_path_reads_local_jsonl_and_parquet(tmp_path, kind):
     source = str(tmp_path / f"*.{kind}")
     data.prepare(source, "bytes", tmp_path / "out", val_tokens=0, text_field="content", num_proc=1)
     assert np.array_equal(split_stream(tmp_path / "out", "train"), expected_tokens(data.get_tokenizer("bytes"), docs))
-    with pytest.raises(ValueError, match="no column 'text'.*content"):
+    with pytest.raises(UserError, match="no column 'text'.*content"):
         data.prepare(source, "bytes", tmp_path / "out2", num_proc=1)
+    # found while reading, not inside a tokenizer process, where it would fail far from its cause
+    with pytest.raises(UserError, match="column 'id' holds int, not text"):
+        data.prepare(source, "bytes", tmp_path / "out3", text_field="id", num_proc=2)
 
 
 def test_a_mix_follows_its_weights_and_stops_when_a_source_runs_out(tmp_path, capsys):
@@ -167,26 +176,31 @@ def test_a_mix_follows_its_weights_and_stops_when_a_source_runs_out(tmp_path, ca
     assert len(out) < 20 and "ran out" in capsys.readouterr().out
 
 
+def prepare_until_a_power_cut(monkeypatch, n_docs, *args, **kw):
+    """data.prepare(*args, **kw), stopped by an exception when it asks for document n_docs."""
+    real = data._documents
+
+    def power_cut(*source):
+        for i, doc in enumerate(real(*source)):
+            if i == n_docs:
+                raise RuntimeError("power cut")
+            yield doc
+    with monkeypatch.context() as m:
+        m.setattr(data, "_documents", power_cut)
+        with pytest.raises(RuntimeError, match="power cut"):
+            data.prepare(*args, **kw)
+
+
 def test_an_interrupted_or_damaged_preparation_resumes_to_the_same_shards(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "BATCH_CHARS", 300)  # many small tokenizer tasks
     source = write_docs(tmp_path / "docs", make_docs(120, seed=2))
     kw = dict(val_tokens=1000, shard_tokens=2000, num_proc=2)
     reference = data.prepare(source, "bytes", tmp_path / "ref", **kw)
 
-    real = data._documents
-
-    def power_cut_after_90(*args):
-        for i, doc in enumerate(real(*args)):
-            if i == 90:
-                raise RuntimeError("power cut")
-            yield doc
-    monkeypatch.setattr(data, "_documents", power_cut_after_90)
-    with pytest.raises(RuntimeError, match="power cut"):
-        data.prepare(source, "bytes", tmp_path / "out", **kw)
-    monkeypatch.setattr(data, "_documents", real)
+    prepare_until_a_power_cut(monkeypatch, 90, source, "bytes", tmp_path / "out", **kw)
     partial = json.loads((tmp_path / "out" / "meta.json").read_text())
     assert not partial["done"] and 2 <= len(partial["shards"]) < len(reference["shards"])
-    with pytest.raises(ValueError, match="only partly prepared.*python data.py --source .* --val_tokens 1000 "
+    with pytest.raises(UserError, match="only partly prepared.*python data.py --source .* --val_tokens 1000 "
                                          "--shard_tokens 2000"):
         data.TokenLoader(tmp_path / "out", "train", 2)
     finished = {s["file"]: os.stat(tmp_path / "out" / s["file"]).st_mtime_ns for s in partial["shards"]}
@@ -202,10 +216,28 @@ def test_an_interrupted_or_damaged_preparation_resumes_to_the_same_shards(tmp_pa
 
     broken = tmp_path / "out" / reference["shards"][3]["file"]
     broken.write_bytes(broken.read_bytes()[:-7])
-    with pytest.raises(ValueError, match=f"{broken.name} is truncated.*Re-run"):
+    with pytest.raises(UserError, match=f"{broken.name} is truncated.*re-run python data.py --source"):
         data.TokenLoader(tmp_path / "out", "train", 2)
     data.prepare(source, "bytes", tmp_path / "out", **kw)
     same_as_reference()
+
+
+def test_a_preparation_that_fails_before_its_first_train_shard_leaves_the_folder_free(tmp_path, monkeypatch):
+    source = write_docs(tmp_path / "docs", make_docs(40, seed=5))
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match="none left for training.*smaller --val_tokens"):
+        data.prepare(source, "bytes", out, num_proc=1)  # the default 1,000,000 val tokens take every document
+    assert not out.exists()
+    # cut off while writing the val split, in shards of 300 tokens: no meta.json ties the folder to those settings
+    monkeypatch.setattr(data, "BATCH_CHARS", 300)  # small tokenizer tasks, so that shards are written before the cut
+    prepare_until_a_power_cut(monkeypatch, 20, source, "bytes", out, val_tokens=5000, shard_tokens=300, num_proc=1)
+    assert len(list(out.glob("val_*.bin"))) >= 2 and not (out / "meta.json").exists()
+
+    kw = dict(val_tokens=500, shard_tokens=300, num_proc=1)
+    meta = data.prepare(source, "bytes", out, **kw)
+    assert meta == data.prepare(source, "bytes", tmp_path / "fresh", **kw)
+    for split in data.SPLITS:
+        assert np.array_equal(split_stream(out, split), split_stream(tmp_path / "fresh", split))
 
 
 def test_max_tokens_stops_early_and_a_rerun_extends_the_same_stream(tmp_path):
@@ -223,15 +255,15 @@ def test_max_tokens_stops_early_and_a_rerun_extends_the_same_stream(tmp_path):
 # The loader, on a folder whose token i is i: every token names its own place in the split
 
 
-def labelled_dir(folder, sizes):
+def labelled_dir(folder, sizes, split="train"):
     folder.mkdir()
     shards, base = [], 0
     for i, n in enumerate(sizes):
-        data.write_shard(folder / f"train_{i:06d}.bin", np.arange(base, base + n), "uint32")
-        shards.append({"file": f"train_{i:06d}.bin", "split": "train", "tokens": n, "docs_end": 0})
+        data.write_shard(folder / f"{split}_{i:06d}.bin", np.arange(base, base + n), "uint32")
+        shards.append({"file": f"{split}_{i:06d}.bin", "split": split, "tokens": n, "docs_end": 0})
         base += n
-    meta = {"source": "test", "tokenizer": "none", "vocab_size": base, "dtype": "uint32", "done": True,
-            "shards": shards}
+    meta = {"source": "test", "tokenizer": "none", "vocab_size": base, "dtype": "uint32", "text_field": "text",
+            "val_target": base if split == "val" else 0, "shard_tokens": max(sizes), "done": True, "shards": shards}
     (folder / "meta.json").write_text(json.dumps(meta))
     return folder
 
@@ -336,32 +368,32 @@ def test_an_epoch_wrap_is_reported(tmp_path, capsys):
 
 
 def test_missing_or_empty_sources(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nothing/here"):
+    with pytest.raises(UserError, match="nothing/here"):
         data.prepare(str(tmp_path / "nothing/here/*.txt"), "bytes", tmp_path / "out")
     source = write_docs(tmp_path / "empty", ["", ""])
-    with pytest.raises(ValueError, match="none left for training"):
+    with pytest.raises(UserError, match="none left for training"):
         data.prepare(source, "bytes", tmp_path / "out", num_proc=1)
-    with pytest.raises(ValueError, match="several kinds"):
+    with pytest.raises(UserError, match="several kinds"):
         write_docs(tmp_path / "mixed", ["x"], ".jsonl")
         write_docs(tmp_path / "mixed", ["y"], ".txt")
         data.prepare(str(tmp_path / "mixed" / "*"), "bytes", tmp_path / "out2")
-    with pytest.raises(ValueError, match="unknown tokenizer 'bites'"):
+    with pytest.raises(UserError, match="unknown tokenizer 'bites'"):
         data.prepare(source, "bites", tmp_path / "out")
 
 
 def test_bad_tokenizers(tmp_path, monkeypatch):
-    with pytest.raises(FileNotFoundError, match="nope.model"):
+    with pytest.raises(UserError, match="nope.model"):
         data.get_tokenizer(f"llama3:{tmp_path / 'nope.model'}")
     (tmp_path / "tokenizer.json").write_text('{"model": {"vocab": {}}}\n')
-    with pytest.raises(ValueError, match="tokenizer.json, line 1.*tiktoken-format"):
+    with pytest.raises(UserError, match="tokenizer.json, line 1.*tiktoken-format"):
         data.get_tokenizer(f"llama3:{tmp_path / 'tokenizer.json'}")
-    with pytest.raises(ValueError, match="all 256 single bytes"):
+    with pytest.raises(UserError, match="all 256 single bytes"):
         data.get_tokenizer(write_ranks(tmp_path / "gap.model", [bytes([b]) for b in range(255)]))
 
     def offline(name):
         raise ConnectionError("Failed to resolve 'openaipublic.blob.core.windows.net'")
     monkeypatch.setattr(data.tiktoken, "get_encoding", offline)
-    with pytest.raises(RuntimeError, match="'o200k_base'.*TIKTOKEN_CACHE_DIR"):
+    with pytest.raises(UserError, match="'o200k_base'.*TIKTOKEN_CACHE_DIR"):
         data.get_tokenizer("o200k_base")
 
 
@@ -369,48 +401,132 @@ def test_a_vocabulary_too_large_for_the_shard_dtype(tmp_path):
     pairs = [bytes([a, b]) for a in range(256) for b in range(256)]  # 65,792 ranks + 256 specials
     name = write_ranks(tmp_path / "big.model", [bytes([b]) for b in range(256)] + pairs)
     source = write_docs(tmp_path / "docs", ["hi"])
-    with pytest.raises(ValueError, match="66,048 ids, too many for dtype=uint16"):
+    with pytest.raises(UserError, match="66,048 ids, too many for --dtype uint16"):
         data.prepare(source, name, tmp_path / "out", dtype="uint16")
     with pytest.raises(ValueError, match="70000 does not fit uint16"):
         data.write_shard(tmp_path / "x.bin", [1, 70000], "uint16")
     folder = labelled_dir(tmp_path / "d", [100])
     meta = json.loads((folder / "meta.json").read_text())
     (folder / "meta.json").write_text(json.dumps({**meta, "vocab_size": 70000, "dtype": "uint16"}))
-    with pytest.raises(ValueError, match="meta.json: vocab_size 70,000 does not fit dtype uint16"):
+    with pytest.raises(UserError, match="meta.json: vocab_size 70,000 does not fit dtype uint16"):
         data.TokenLoader(folder, "train", 1)
 
 
 def test_bad_shards_and_folders(tmp_path):
-    with pytest.raises(FileNotFoundError, match="meta.json not found.*python data.py"):
+    with pytest.raises(UserError, match="meta.json not found.*python data.py"):
         data.TokenLoader(tmp_path, "train", 1)
     folder = labelled_dir(tmp_path / "d", SIZES)
-    with pytest.raises(ValueError, match="no 'val' split"):
+    with pytest.raises(UserError, match="no 'val' split"):
         data.TokenLoader(folder, "val", 1)
     shard = folder / "train_000001.bin"
     good = shard.read_bytes()
     shard.write_bytes(b"NOTTOKEN" + good[8:])
-    with pytest.raises(ValueError, match="train_000001.bin is not a tst token shard"):
+    with pytest.raises(UserError, match="train_000001.bin is not a tst token shard"):
         data.TokenLoader(folder, "train", 1)
     shard.write_bytes(good[:len(good) // 2])
-    with pytest.raises(ValueError, match="train_000001.bin is truncated"):
+    with pytest.raises(UserError, match="train_000001.bin is truncated"):
         data.TokenLoader(folder, "train", 1)
+
+
+def test_validation_rows_are_the_start_of_the_val_split_in_order(tmp_path):
+    folder = labelled_dir(tmp_path / "d", SIZES, split="val")  # val token i is i
+    rows = data.validation_rows(folder, 64, 1000)
+    n = (sum(SIZES) - 1) // 64  # 37 rows of 65 tokens, as many as the split holds
+    assert rows.dtype == torch.int64 and torch.equal(rows, torch.arange(n)[:, None] * 64 + torch.arange(65))
+    assert torch.equal(rows[1:, 0], rows[:-1, -1])  # each row's last token is the next row's first
+    assert torch.equal(data.validation_rows(folder, 64, 5), rows[:5])  # max_rows caps them, from the start
+    assert torch.equal(data.validation_rows(folder, sum(SIZES) - 1, 9), torch.arange(sum(SIZES))[None])
+    with pytest.raises(UserError, match="2,400 tokens.*shorter than one row of 2401 tokens.*--val_tokens"):
+        data.validation_rows(folder, sum(SIZES), 9)
+    # a damaged shard is found when the rows are asked for, even one past the rows (train.py checks at start-up)
+    last = folder / "val_000002.bin"
+    last.write_bytes(last.read_bytes()[:-4])
+    for check in (lambda: data.validation_rows(folder, 64, 5), lambda: data.TokenLoader(folder, "val", 1)):
+        with pytest.raises(UserError, match="val_000002.bin is truncated.*re-run python data.py --source test"):
+            check()
+    with pytest.raises(UserError, match="no 'val' split"):
+        data.validation_rows(labelled_dir(tmp_path / "train_only", SIZES), 64, 5)
 
 
 def test_a_row_longer_than_the_data_and_a_foreign_loader_state(tmp_path):
     folder = labelled_dir(tmp_path / "d", [50, 50])
     loader = data.TokenLoader(folder, "train", 1)
     assert loader.next_rows(99).shape == (1, 100)
-    with pytest.raises(ValueError, match="row of 101 tokens is longer than the whole 'train' split"):
+    with pytest.raises(UserError, match="row of 101 tokens is longer than the whole 'train' split"):
         loader.next_rows(100)
-    with pytest.raises(ValueError, match="seed"):
+    with pytest.raises(UserError, match="seed"):
         data.TokenLoader(folder, "train", 1, seed=1).load_state_dict(loader.state_dict())
+
+
+@pytest.mark.parametrize("setting", [{"val_tokens": -1}, {"shard_tokens": 0}, {"max_tokens": 0}, {"num_proc": 0}])
+def test_nonsense_sizes_are_refused_before_anything_is_written(tmp_path, setting):
+    (name, value), = setting.items()
+    with pytest.raises(UserError, match=f"--{name} {value}: it must be at least"):
+        data.prepare(write_docs(tmp_path / "docs", make_docs(5)), "bytes", tmp_path / "out", **setting)
+    assert not (tmp_path / "out").exists()
 
 
 def test_rerunning_with_other_settings_is_refused(tmp_path):
     source = write_docs(tmp_path / "docs", make_docs(5))
     data.prepare(source, "bytes", tmp_path / "out", val_tokens=0, num_proc=1)
-    with pytest.raises(ValueError, match="other settings.*val_target"):
+    with pytest.raises(UserError, match="other settings.*val_target.*made by python data.py .*--val_tokens 0"):
         data.prepare(source, "bytes", tmp_path / "out", val_tokens=10, num_proc=1)
+
+
+def test_suggested_commands_survive_the_shell(tmp_path, monkeypatch):
+    books = write_docs(tmp_path / "my books", make_docs(60, seed=4))  # a glob, in a folder whose name has a space
+    out = tmp_path / "out [v1]"
+    with pytest.raises(UserError, match="meta.json not found") as missing:
+        data.load_meta(out)
+    assert shlex.split(str(missing.value).split("e.g. ")[1])[-2:] == ["--out_dir", str(out)]
+
+    kw = dict(val_tokens=500, shard_tokens=1000, num_proc=1)
+    monkeypatch.setattr(data, "BATCH_CHARS", 300)
+    prepare_until_a_power_cut(monkeypatch, 40, books, "bytes", out, **kw)
+    with pytest.raises(UserError, match="only partly prepared") as partial:
+        data.load_meta(out)
+    command = str(partial.value).split("finish it with ")[1]
+    assert command.startswith("python data.py ")
+    # pasted into a shell, the glob must reach data.py unexpanded and each folder name in one piece
+    subprocess.run(shlex.quote(sys.executable) + command[len("python"):], shell=True, cwd=ROOT, check=True,
+                   capture_output=True)
+    data.prepare(books, "bytes", tmp_path / "reference", **kw)
+    for split in data.SPLITS:
+        assert np.array_equal(split_stream(out, split), split_stream(tmp_path / "reference", split))
+
+
+def test_the_command_line_reports_each_user_mistake_in_one_line(tmp_path):
+    tiny = write_docs(tmp_path / "tiny", ["a short book"])
+    data.prepare(tiny, "bytes", tmp_path / "made", val_tokens=0, num_proc=1)
+    (tmp_path / "a_file").write_text("")
+    (tmp_path / "empty_cache").mkdir()
+    no_network = {**os.environ, "TIKTOKEN_CACHE_DIR": str(tmp_path / "empty_cache"), "NO_PROXY": "", "no_proxy": "",
+                  **{k: "http://127.0.0.1:9" for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy")}}
+    fine = ["--source", tiny, "--tokenizer", "bytes", "--out_dir", tmp_path / "out", "--num_proc", "1"]
+    none_left = fine + ["--out_dir", tmp_path / "none_left"]
+    cases = {  # what the one line must say: the command line (the first after its tokenizer processes ended)
+        "none left for training after the 1,000,000 validation tokens": none_left,
+        "unknown tokenizer 'bites'": fine + ["--tokenizer", "bites"],
+        "nothing/*.txt': no such dataset or local file": fine + ["--source", tmp_path / "nothing" / "*.txt"],
+        "other settings {'val_target': (0, 10)}": fine + ["--out_dir", tmp_path / "made", "--val_tokens", "10"],
+        "a_file/out cannot be created": fine + ["--out_dir", tmp_path / "a_file" / "out"],
+        "--shard_tokens 0: it must be at least 1": fine + ["--shard_tokens", "0"],
+        "could not download the 'gpt2' encoding": fine + ["--tokenizer", "gpt2"],
+    }
+    if os.geteuid() != 0:  # root writes into read-only folders
+        (tmp_path / "locked").mkdir(mode=0o500)
+        cases["locked is read-only"] = fine + ["--out_dir", tmp_path / "locked"]
+    runs = {expected: subprocess.Popen([sys.executable, "data.py", *map(str, args)], cwd=ROOT, text=True,
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=no_network)
+            for expected, args in cases.items()}  # at once: each spends most of its time importing torch
+    for expected, run in runs.items():
+        stdout, stderr = run.communicate(timeout=120)
+        assert run.returncode == 1 and "Traceback" not in stdout + stderr, stderr
+        assert len(stderr.splitlines()) == 1 and stderr.startswith("error: ") and expected in stderr, stderr
+    assert not (tmp_path / "none_left").exists()
+    bad_count = subprocess.run([sys.executable, "data.py", *map(str, fine), "--max_tokens", "inf"], cwd=ROOT,
+                               capture_output=True, text=True)
+    assert bad_count.returncode == 2 and "invalid count value: 'inf'" in bad_count.stderr  # argparse's usage error
 
 
 
