@@ -1,4 +1,4 @@
-"""mutual_info.py: I(d) recovered where it is known in closed form, the bias correction, the power-law fit, the command."""
+"""mutual_info.py: I(d) recovered where known in closed form, the bias correction, the power-law fit, the command."""
 
 import bisect
 import json
