@@ -547,13 +547,15 @@ def validation_rows(data_dir, seq_len, max_rows):
     each row's last token the next row's first, so that every val token is scored at most once. The same rows for
     every process count and every evaluation; train.py splits them among the ranks, eval.py reads the same."""
     if seq_len < 1 or max_rows < 1:
-        raise UserError(f"validation rows of seq_len {seq_len}, at most {max_rows} of them: both must be at least 1")
+        raise UserError(f"asked for at most {max_rows} validation rows of seq_len {seq_len}: both must be at least 1 "
+                        f"(ask for at least one row's worth of tokens)")
     _, shards = _split_shards(data_dir, "val")
     split_tokens = sum(s["tokens"] for s in shards)
     n_rows = min(max_rows, (split_tokens - 1) // seq_len)
     if n_rows < 1:
         raise UserError(f"the val split of {data_dir} ({split_tokens:,} tokens) is shorter than one row of "
-                        f"{seq_len + 1} tokens: prepare the data with a larger --val_tokens")
+                        f"{seq_len + 1} tokens: prepare the data again, into another --out_dir, with a larger "
+                        f"--val_tokens")
     need, parts = n_rows * seq_len + 1, []
     for shard in shards:  # only the prefix the rows cover
         parts.append(read_shard(Path(data_dir) / shard["file"])[:need])

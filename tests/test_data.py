@@ -438,6 +438,8 @@ def test_validation_rows_are_the_start_of_the_val_split_in_order(tmp_path):
     assert torch.equal(data.validation_rows(folder, sum(SIZES) - 1, 9), torch.arange(sum(SIZES))[None])
     with pytest.raises(UserError, match="2,400 tokens.*shorter than one row of 2401 tokens.*--val_tokens"):
         data.validation_rows(folder, sum(SIZES), 9)
+    with pytest.raises(UserError, match="at most 0 validation rows of seq_len 64"):
+        data.validation_rows(folder, 64, 0)
     # a damaged shard is found when the rows are asked for, even one past the rows (train.py checks at start-up)
     last = folder / "val_000002.bin"
     last.write_bytes(last.read_bytes()[:-4])
