@@ -271,9 +271,9 @@ def load_meta(data_dir):
 
 def _command(meta, out_dir):
     """The python data.py command that (re)makes out_dir as meta describes it."""
-    words = ["python", "data.py", "--source", meta["source"], "--tokenizer", meta["tokenizer"], "--out_dir", str(out_dir),
-             "--val_tokens", str(meta["val_target"]), "--shard_tokens", str(meta["shard_tokens"]),
-             "--text_field", meta["text_field"], "--dtype", meta["dtype"]]
+    words = ["python", "data.py", "--source", meta["source"], "--tokenizer", meta["tokenizer"],
+             "--out_dir", str(out_dir), "--val_tokens", str(meta["val_target"]),
+             "--shard_tokens", str(meta["shard_tokens"]), "--text_field", meta["text_field"], "--dtype", meta["dtype"]]
     if meta.get("max_tokens") is not None:
         words += ["--max_tokens", str(meta["max_tokens"])]
     return shlex.join(words)
