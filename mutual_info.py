@@ -38,9 +38,6 @@ PAPER_FIT = {"C0": 3.63, "a": 1.35, "k": -1.25}  # DCLM, Llama 3 tokenizer (METH
 def sample_windows(data_dir, sample_tokens, window, seed):
     """(sample_tokens // window, window) int64: non-overlapping windows of the train split in random order; and
     meta.json's contents."""
-    if not (Path(data_dir) / "meta.json").exists():
-        raise UserError(f"{data_dir} holds no prepared data (no meta.json): prepare it first, e.g. python data.py "
-                        f"--source stdlib --tokenizer bytes --out_dir {data_dir}")
     meta = data.load_meta(data_dir)
     shards = [s for s in meta["shards"] if s["split"] == "train"]
     slots = np.array([s["tokens"] // window for s in shards], np.int64)  # whole windows that fit in each shard
@@ -154,7 +151,7 @@ def main(argv):
         print(f"{d:>3} {row[0]:10.4f} {row[1]:9.4f} {row[2]:9.4f} {row[3]:11,}")
     apart = result["different_windows"]
     print(f"tokens of different windows (true I ~ 0): I = {apart['mi']:.4f} (plug-in {apart['mi_plug_in']:.4f}, "
-          f"bias {apart['bias']:.4f}): the bias left after the correction, which the fit's C0 takes up")
+          f"bias {apart['bias']:.4f}): the bias the correction leaves")
     fit, result["fit_plug_in"] = fit_power_law(result["mi"]), fit_power_law(result["mi_plug_in"])
     result.update(fit)
     for name, f in (("fit I(d)", fit), ("plug-in", result["fit_plug_in"]), ("paper (DCLM)", PAPER_FIT)):

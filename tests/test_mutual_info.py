@@ -125,7 +125,7 @@ def test_the_command_on_text_prepared_by_data_py(tmp_path, capsys):
 
 def test_bad_inputs_are_user_errors(tmp_path):
     folder = stream_dir(tmp_path / "small", np.arange(10_000) % 50, vocab_size=50)
-    for args, message in [(["--data_dir", str(tmp_path / "nowhere")], "no meta.json"),
+    for args, message in [(["--data_dir", str(tmp_path / "nowhere")], "meta.json not found"),
                           (["--data_dir", str(folder), "--max_distance", "3"], "at least 4 distances"),
                           (["--data_dir", str(folder), "--window", "32"], "longer than max_distance"),
                           (["--data_dir", str(folder), "--sample_tokens", "1000"], "at least two windows"),
