@@ -11,9 +11,9 @@ their marginals from the same pairs.
 Estimator: the plug-in I = sum c_xy / N * log(c_xy N / (c_x c_y)) is biased upward by about
 (K_xy - K_x - K_y + 1) / (2N), K being the occupied cells, rows and columns; I(d) is the plug-in less that bias
 (Miller-Madow). Both are printed. That is a first-order correction: with a 50k-128k vocabulary the table is sampled
-too thinly for it, and it removes only part of the bias. The rest is measured by the same estimator on pairs from two different
-windows (true value about 0); it is nearly the same at every d past the first few, so the fit takes it into C0 and k
-hardly moves with the sample size.
+too thinly for it, and it removes only part of the bias. The rest is measured by the same estimator on pairs from
+two different windows (true value about 0); it is nearly the same at every d past the first few, so the fit takes
+it into C0 and k hardly moves with the sample size.
 
 Fit: I(d) ~ C0 + a d^k by least squares (a grid over k; at each k, C0 and a solved in closed form). The paper's DCLM
 fit is C0 = 3.63, a = 1.35, k = -1.25. Its k gives the MCE weights w_i ~ i^k of a bag of s tokens, the training
