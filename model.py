@@ -2,8 +2,9 @@
 
 Pre-norm RMSNorm, rotary position embeddings (rotate-half convention, as Hugging Face's Llama, so an
 export is a renaming), grouped-query attention through scaled_dot_product_attention, SwiGLU feed-forward,
-no biases, untied input embedding and LM head by default, optional QK-norm (Qwen3). The one TST line is
-in `Transformer.forward`: a (B, T, s) input of bags is embedded by `tst.bag_embed`.
+no biases, untied input embedding and LM head by default, optional QK-norm (Qwen3). The TST lines are marked:
+a (B, T, s) input of bags is embedded as the mean of each bag (`tst.bag_mean`). With targets, the forward pass
+returns the loss without ever holding the (positions x vocabulary) logits (`head_loss`).
 
 Initialisation (GPT-2 / nanoGPT): every weight matrix and the embedding ~ N(0, 0.02); the projections that
 write into the residual stream (attention output, MLP down, every expert's down) ~ N(0, 0.02 / sqrt(2 *
@@ -18,16 +19,18 @@ Phase 1 of TST routes latent (bag) positions like any other position.
 """
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-import tst
+import tst  # TST
 
 LLAMA3_VOCAB = 128_256
+IGNORE_INDEX = -100  # F.cross_entropy's default: a target with this value is not scored
+HEAD_CHUNK_LOGITS = 2**27  # head_loss holds at most this many logits at a time (512 MiB in float32)
 BALANCE = ("aux", "bias", "none")
 EXPERTS_IMPL = ("auto", "loop", "grouped")
 # torch's grouped GEMM: public in recent releases, private (CUDA sm90 only) before. The CPU build of torch 2.13
@@ -48,7 +51,6 @@ class ModelConfig:
     max_seq_len: int = 2048
     tie_embeddings: bool = False
     qk_norm: bool = False  # RMSNorm on each query and key head before RoPE (Qwen3)
-    no_rope_layers: list = field(default_factory=list)  # layer indices without RoPE (SmolLM3: every 4th)
     init_std: float = 0.02
     # mixture of experts (0 experts: the dense model above, and every field below is unused)
     n_experts: int = 0
@@ -67,10 +69,6 @@ class ModelConfig:
             raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
         if (self.dim // self.n_heads) % 2 != 0:
             raise ValueError(f"head_dim={self.dim // self.n_heads} must be even for RoPE")
-        bad = [i for i in self.no_rope_layers if not 0 <= i < self.n_layers]
-        if bad:
-            raise ValueError(f"no_rope_layers {bad} are not layers of a {self.n_layers}-layer model")
-        self.no_rope_layers = list(self.no_rope_layers)
         if self.n_experts < 0:
             raise ValueError(f"n_experts={self.n_experts} must be >= 0 (0 = dense)")
         if self.n_experts == 0:
@@ -190,10 +188,9 @@ def apply_rope(x, cos, sin):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg, use_rope):
+    def __init__(self, cfg):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.use_rope = use_rope
         self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
         self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
@@ -210,8 +207,7 @@ class Attention(nn.Module):
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        if self.use_rope:
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         # grouped-query attention: each KV head serves n_heads / n_kv_heads query heads
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads)
@@ -297,17 +293,18 @@ class MoE(nn.Module):
         self.register_buffer("tokens_per_expert", torch.zeros(cfg.n_experts, dtype=torch.long), persistent=False)
 
     def route(self, x):
-        """x (N, dim) -> probs (N, E) float32, chosen experts (N, k), their renormalised weights (N, k) float32."""
+        """x (N, dim) -> probs (N, E) float32, chosen experts (N, k), their gates (N, k) float32: the chosen
+        experts' probabilities renormalised to sum 1."""
         probs = self.router(x).float().softmax(dim=-1)
         scores = probs + self.expert_bias if self.balance == "bias" else probs
         chosen = scores.topk(self.top_k, dim=-1).indices
-        weights = probs.gather(1, chosen)
-        return probs, chosen, weights / weights.sum(dim=-1, keepdim=True)
+        gates = probs.gather(1, chosen)
+        return probs, chosen, gates / gates.sum(dim=-1, keepdim=True)
 
     def forward(self, x):
         B, T, d = x.shape
         x = x.reshape(B * T, d)
-        probs, chosen, weights = self.route(x)
+        probs, chosen, gates = self.route(x)
         slots = chosen.flatten()  # (N*k,): position n's j-th expert at n*k + j
         counts = torch.zeros_like(self.tokens_per_expert).scatter_add_(0, slots, torch.ones_like(slots))
         if self.training and torch.is_grad_enabled():  # training steps only: not evaluation, even in train mode
@@ -318,7 +315,7 @@ class MoE(nn.Module):
         y = self.experts(x[order // self.top_k], counts)
         # Combine: back to (position, slot) order, then each position's k outputs weighted and summed.
         y = y[order.argsort()].view(B * T, self.top_k, d)
-        out = torch.bmm(weights.to(y.dtype).unsqueeze(1), y).squeeze(1)
+        out = torch.bmm(gates.to(y.dtype).unsqueeze(1), y).squeeze(1)
         if self.shared is not None:
             out = out + self.shared(x)
         aux = self.aux_loss(probs, counts) if self.balance == "aux" else None
@@ -343,10 +340,10 @@ class MoE(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg, layer):
+    def __init__(self, cfg):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.attn = Attention(cfg, use_rope=layer not in cfg.no_rope_layers)
+        self.attn = Attention(cfg)
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MoE(cfg) if cfg.n_experts else MLP(cfg.dim, cfg.ffn_dim)
 
@@ -364,7 +361,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -389,29 +386,32 @@ class Transformer(nn.Module):
     def moe_layers(self):
         return [layer.mlp for layer in self.layers if isinstance(layer.mlp, MoE)]
 
-    def forward(self, tokens, return_aux_loss=False):
-        """(B, T) token ids, or (B, T, s) bags in TST's phase 1 -> logits (B, T, vocab_size).
+    def forward(self, tokens, targets=None, target_weights=None):
+        """tokens: (B, T) ids, or (B, T, s) bags of s tokens (TST's superposition stages).
 
-        return_aux_loss=True -> (logits, aux_loss): aux_loss_coef * the SUM over MoE layers of each layer's
-        load-balancing loss (Megatron's convention: the coefficient is per layer, so each router is pushed
-        as hard at any depth; its floor is aux_loss_coef * n_layers, reached by perfectly uniform routing).
-        A float32 zero for a dense model or balance != "aux". Add it to the loss in both TST phases.
+        Without targets -> logits (B, T, vocab_size). With targets -> (loss, aux_loss): loss is head_loss against
+        targets (B, T) of next tokens, or (B, T, k) with target_weights (k,) (TST's multi-hot cross-entropy);
+        aux_loss is aux_loss_coef * the SUM over MoE layers of each layer's load-balancing loss (Megatron's
+        convention: the coefficient is per layer, so each router is pushed as hard at any depth; its floor is
+        aux_loss_coef * n_layers), a zero for a dense model or balance != "aux". Train on their sum.
         """
         if tokens.size(1) > self.cfg.max_seq_len:
             raise ValueError(f"{tokens.size(1)} positions exceed max_seq_len={self.cfg.max_seq_len}")
-        h = tst.bag_embed(self.embed, tokens) if tokens.dim() == 3 else self.embed(tokens)  # TST
+        h = self.embed(tokens)  # (B, T, dim), or (B, T, s, dim) for bags
+        h = tst.bag_mean(h) if tokens.dim() == 3 else h  # TST: a bag is the mean of its token embeddings
         cos, sin = rope_tables(h.size(1), self.cfg.head_dim, self.cfg.rope_theta, h.device)
         aux_losses = []
         for layer in self.layers:
             h, aux = layer(h, cos, sin)
             if aux is not None:
                 aux_losses.append(aux)
-        logits = self.lm_head(self.norm(h))
-        if not return_aux_loss:
-            return logits
+        h = self.norm(h)
+        if targets is None:
+            return self.lm_head(h)
+        loss = head_loss(h.flatten(0, 1), self.lm_head.weight, targets.flatten(0, 1), target_weights)
         if not aux_losses:
-            return logits, torch.zeros((), device=logits.device)
-        return logits, self.cfg.aux_loss_coef * torch.stack(aux_losses).sum()
+            return loss, torch.zeros((), device=loss.device)
+        return loss, self.cfg.aux_loss_coef * torch.stack(aux_losses).sum()
 
     @torch.no_grad()
     def pop_expert_load(self):
@@ -443,3 +443,76 @@ class Transformer(nn.Module):
         for moe, layer_load in zip(moes, load):
             delta = moe.bias_update_rate * torch.sign(layer_load.mean() - layer_load)
             moe.expert_bias += (delta - delta.mean()).to(moe.expert_bias)
+
+
+# -----------------------------------------------------------------------------
+# The loss, without the logits: at a 128k vocabulary the (positions x vocabulary) logits of one micro-batch take
+# gigabytes, and the plain path (head, float32 copy, log-softmax, their gradients) holds several copies of them.
+
+def head_loss(h, weight, targets, target_weights=None):
+    """Mean cross-entropy of the LM head `weight` (V, dim) on hidden states h (N, dim), chunk by chunk.
+
+    targets (N,), or (N, k) with target_weights (k,) and IGNORE_INDEX where a target is missing. The value is
+    tst.mce_loss(h @ weight.T, targets, target_weights) (plain cross-entropy for one target per position): the
+    weighted mean over the k columns of each column's mean cross-entropy, columns without targets left out. As one
+    sum over positions n and columns i, with coefficients c[n, i] (w_i / valid entries of column i / sum of w, or 0):
+        loss = sum_n C_n * logsumexp(z_n) - sum_{n,i} c[n, i] * z_n[y_ni],   C_n = sum_i c[n, i],
+    so the gradient with respect to the logits z_n is C_n * softmax(z_n) - sum_i c[n, i] * onehot(y_ni). The logits
+    are made HEAD_CHUNK_LOGITS at a time, and when gradients are needed they are computed in the same pass (as Liger's
+    fused linear cross-entropy does for one target): no logits are kept for the backward. Matmuls run in the
+    autocast dtype when autocast is on; logits and softmax in float32.
+    """
+    if targets.dim() == 1:
+        targets = targets[:, None]
+    if target_weights is None:
+        target_weights = torch.ones(targets.size(1))
+    valid = targets != IGNORE_INDEX
+    count = valid.sum(0)
+    w = target_weights.to(h.device, torch.float32) * (count > 0)
+    coef = valid * (w / count.clamp(min=1) / w.sum())
+    safe_targets = targets.masked_fill(~valid, 0)  # any index works where c = 0
+    device = h.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
+    if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+        return _HeadLoss.apply(h, weight, safe_targets, coef, dtype)
+    return _head_loss_chunks(h, weight, safe_targets, coef, dtype, with_grad=False)[0]
+
+
+def _head_loss_chunks(h, weight, targets, coef, dtype, with_grad):
+    """-> (loss, gradient of h, gradient of weight in float32); the gradients None unless with_grad."""
+    chunk = max(1, HEAD_CHUNK_LOGITS // weight.size(0))
+    head = weight.to(dtype)
+    coef_sum = coef.sum(1)
+    loss = torch.zeros((), device=h.device)
+    grad_h = torch.empty_like(h) if with_grad else None
+    grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if with_grad else None
+    with torch.autocast(h.device.type, enabled=False):
+        for a in range(0, h.size(0), chunk):
+            rows = slice(a, a + chunk)
+            h_chunk = h[rows].to(dtype)
+            z = (h_chunk @ head.t()).float()
+            lse = torch.logsumexp(z, dim=-1)
+            loss = loss + (coef_sum[rows] * lse).sum() - (coef[rows] * z.gather(1, targets[rows])).sum()
+            if with_grad:
+                z.sub_(lse[:, None]).exp_().mul_(coef_sum[rows, None])  # C_n * softmax(z_n), in place
+                z.scatter_add_(1, targets[rows], -coef[rows])
+                g = z.to(dtype)
+                grad_h[rows] = g @ head
+                grad_weight += g.t() @ h_chunk
+    return loss, grad_h, grad_weight
+
+
+class _HeadLoss(torch.autograd.Function):
+    """head_loss with its gradients computed in the forward pass; the backward only scales them."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, coef, dtype):
+        loss, grad_h, grad_weight = _head_loss_chunks(h, weight, targets, coef, dtype, with_grad=True)
+        ctx.save_for_backward(grad_h, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_weight = ctx.saved_tensors
+        return grad_h * grad_loss.to(grad_h.dtype), (grad_weight * grad_loss).to(ctx.weight_dtype), None, None, None

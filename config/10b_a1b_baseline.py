@@ -4,7 +4,10 @@
 # KV heads and QK-norm, 128 experts of 512 per layer, top-8, no shared expert, Llama-3 vocabulary, untied:
 # 10,058,576,896 parameters in total, 998,880,256 active per position (tests/test_moe.py checks both).
 out_dir = "out/10b_a1b_baseline"
-data_dir = "data/dclm_fineweb_llama3"  # 50/50 DCLM and FineWeb-Edu, Llama-3 tokens (the paper's MoE data mix)
+# Data: 50/50 DCLM and FineWeb-Edu (the paper's MoE mix) with Llama 3 tokens; prepare it first (README, "Data").
+data_dir = "data/dclm_fwedu_llama3"
+data_source = "0.5*dclm,0.5*fineweb-edu"
+tokenizer = "llama3:tokenizer.model"  # Meta's original tokenizer.model
 vocab_size = 128_256
 
 dim = 1024
@@ -28,12 +31,7 @@ warmup_steps = 2000
 decay_frac = 0.1
 weight_decay = 0.1
 
-s = 1  # no superposition: the baseline
-r = 0.0
-tst_mode = "full"
-weights = "uniform"
-
 eval_interval = 1000
-eval_iters = 20
+eval_tokens = 2**20
 fsdp = True
 compile = True

@@ -10,5 +10,5 @@ out_dir = "out/10b_a1b_tst"
 max_steps = 50_000
 s = 16
 r = 0.25
-weights = "power"  # 1/i: better and more stable than uniform for s >= 8
+bag_weights = "power"  # 1/i: better and more stable than uniform for s >= 8
 tst_mode = "full"

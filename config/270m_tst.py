@@ -6,4 +6,4 @@ exec(Path(__file__).with_name("270m_baseline.py").read_text())
 out_dir = "out/270m_tst"
 s = 6
 r = 0.3
-weights = "uniform"
+bag_weights = "uniform"

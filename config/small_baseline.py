@@ -16,7 +16,7 @@ ffn_dim = 1536
 max_seq_len = 1024
 
 seq_len = 1024
-batch_size = 32  # x 1024 positions x 50k logits: 6.6 GB per fp32 copy in the loss
+batch_size = 32
 global_batch_tokens = 262144
 max_steps = 4000
 lr = 3e-3
@@ -24,9 +24,7 @@ warmup_steps = 200
 decay_frac = 0.1
 
 eval_interval = 200
-eval_iters = 20
+eval_tokens = 2**19
 ckpt_interval = 1000
 compile = True
 
-s = 1
-r = 0.0

@@ -5,4 +5,4 @@ exec(Path(__file__).with_name("small_baseline.py").read_text())
 out_dir = "out/small_tst"
 s = 4
 r = 0.3
-weights = "uniform"
+bag_weights = "uniform"

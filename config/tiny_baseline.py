@@ -19,5 +19,5 @@ lr = 3e-3
 warmup_steps = 30
 decay_frac = 0.1
 
-s = 1  # the baseline: no superposition phase
-r = 0.0
+eval_interval = 100
+eval_tokens = 65536  # 512 rows of 128 of the 1.0M-token val split

@@ -5,6 +5,8 @@
 #   OMP_NUM_THREADS=1 python train.py config/tiny_moe_tst.py
 out_dir = "out/tiny_moe_tst"
 data_dir = "data/stdlib_bytes"
+data_source = "stdlib"
+tokenizer = "bytes"
 vocab_size = 0  # from the data (bytes)
 
 dim = 64
@@ -32,9 +34,9 @@ weight_decay = 0.1
 s = 4
 r = 0.3
 tst_mode = "full"
-weights = "uniform"
+bag_weights = "uniform"
 
 eval_interval = 100
-eval_iters = 10
+eval_tokens = 16384
 fsdp = False
 compile = False

@@ -6,4 +6,4 @@ exec(Path(__file__).with_name("tiny_baseline.py").read_text())
 out_dir = "out/tiny_tst"
 s = 4
 r = 0.3
-weights = "uniform"
+bag_weights = "uniform"

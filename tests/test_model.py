@@ -1,12 +1,14 @@
-"""The dense transformer: shapes, counts, causality in both phases, FLOPs."""
+"""The dense transformer: shapes, counts, causality in both phases, FLOPs, and the loss without logits."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+import model
 import tst
-from model import NAMED_SHAPES, ModelConfig, Transformer, apply_rope, rope_tables
+from model import NAMED_SHAPES, ModelConfig, Transformer, apply_rope, head_loss, rope_tables
 
 
 def tiny(**kw):
@@ -71,7 +73,7 @@ def test_rope_rotates_by_position_and_keeps_dot_products_relative():
 
 @pytest.mark.parametrize("bags", [False, True])
 def test_causal_changing_a_later_input_never_changes_earlier_logits(bags):
-    m = tiny(no_rope_layers=[1])
+    m = tiny()
     T, s = 8, 3
     x = torch.randint(0, 61, (2, T, s)) if bags else torch.randint(0, 61, (2, T))
     y = x.clone()
@@ -91,8 +93,8 @@ def test_one_module_serves_both_phases():
     m = tiny()
     keys = list(m.state_dict())
     rows = torch.randint(0, 61, (2, 4 * 8 + 1))
-    for phase, row in ((1, rows), (2, rows[:, : 8 + 1])):
-        x, _ = tst.batch(row, 4, phase)
+    for stage, row in ((tst.Stage(0, 1, 4), rows), (tst.Stage(1, 2, 1), rows[:, : 8 + 1])):
+        x, _, _ = stage.inputs_and_targets(row)
         assert m(x).shape == (2, 8, 61)
         assert list(m.state_dict()) == keys
 
@@ -110,14 +112,12 @@ def test_rejects_bad_shapes():
         ModelConfig(dim=100, n_heads=3)
     with pytest.raises(ValueError, match="multiple of n_kv_heads"):
         ModelConfig(dim=128, n_heads=4, n_kv_heads=3)
-    with pytest.raises(ValueError, match="no_rope_layers"):
-        ModelConfig(n_layers=2, no_rope_layers=[2])
 
 
-def count_train_flops(model, x, targets):
+def count_train_flops(model, x, targets, weights):
     # the math attention backend runs as plain matmuls, which the counter sees (CPU flash kernels it does not)
     with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
-        loss = tst.mce_loss(model(x), targets, tst.bag_weights(targets.size(-1)))
+        loss, _ = model(x, targets, weights)
         loss.backward()
     return counter.get_total_flops()
 
@@ -126,10 +126,119 @@ def test_flops_per_step_are_equal_in_both_phases_and_match_the_formula():
     m = tiny()
     B, T, s = 2, 16, 4
     rows = torch.randint(0, 61, (B, s * T + 1))
-    phase1 = count_train_flops(m, *tst.batch(rows, s, 1))
-    phase2 = count_train_flops(m, *tst.batch(rows[:, : T + 1], s, 2))
+    phase1 = count_train_flops(m, *tst.Stage(0, 1, s, weights=(0.25,) * 4).inputs_and_targets(rows))
+    phase2 = count_train_flops(m, *tst.Stage(1, 2, 1).inputs_and_targets(rows[:, : T + 1]))
     assert phase1 == phase2
     predicted = m.cfg.flops_per_position(T) * B * T
     # the formula also counts the RMSNorm weights as parameters: a rounding error at real sizes
     assert abs(phase2 - predicted) / predicted < 0.01
     assert phase2 < predicted  # and nothing else is counted
+
+
+# -----------------------------------------------------------------------------
+# head_loss: the LM head and (multi-target) cross-entropy in chunks, against the plain statement in tst.py
+
+def reference(h, weight, targets, weights):
+    """What training computed before: full logits, a float32 copy, tst.mce_loss."""
+    logits = (h @ weight.t()).float()
+    return tst.mce_loss(logits, targets if targets.dim() == 2 else targets[:, None], weights)
+
+
+def random_targets(n, k, vocab, ignore_fraction, seed):
+    g = torch.Generator().manual_seed(seed)
+    targets = torch.randint(0, vocab, (n, k), generator=g)
+    targets[torch.rand(n, k, generator=g) < ignore_fraction] = tst.IGNORE_INDEX
+    return targets
+
+
+@pytest.mark.parametrize("s", [1, 2, 4, 8, 16])
+@pytest.mark.parametrize("kind", ["uniform", "power", "power:-1.25", "exp", "first"])
+def test_head_loss_equals_the_plain_mce_in_value_and_gradients(s, kind, monkeypatch):
+    monkeypatch.setattr(model, "HEAD_CHUNK_LOGITS", 13 * 50)  # chunks of 13 positions: uneven, several
+    torch.manual_seed(s)
+    n, d, vocab = 70, 24, 50
+    h = torch.randn(n, d, requires_grad=True)
+    weight = torch.randn(vocab, d, requires_grad=True)
+    targets = random_targets(n, s, vocab, 0.3, s)
+    if s > 1:
+        targets[:, -1] = tst.IGNORE_INDEX  # a column with no target at all drops out
+    targets[:3] = tst.IGNORE_INDEX  # positions with no target
+    w = tst.bag_weights(s, kind)
+    ref = reference(h, weight, targets, w)
+    ref_grads = torch.autograd.grad(ref, (h, weight))
+    ours = head_loss(h, weight, targets, w)
+    grads = torch.autograd.grad(3.0 * ours, (h, weight))  # the backward scales by the incoming gradient
+    torch.testing.assert_close(ours, ref)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, 3.0 * r)
+
+
+def test_head_loss_with_one_target_is_cross_entropy():
+    torch.manual_seed(0)
+    h, weight = torch.randn(40, 16), torch.randn(30, 16)
+    labels = random_targets(40, 1, 30, 0.2, 0)[:, 0]
+    expected = F.cross_entropy(h @ weight.t(), labels)
+    torch.testing.assert_close(head_loss(h, weight, labels), expected)
+    torch.testing.assert_close(head_loss(h, weight, labels[:, None], torch.ones(1)), expected)
+
+
+def test_head_loss_counts_a_token_twice_in_a_bag_twice():
+    h, weight = torch.randn(1, 8, requires_grad=True), torch.randn(5, 8)
+    twice = head_loss(h, weight, torch.tensor([[3, 3]]), torch.ones(2))
+    once = F.cross_entropy(h @ weight.t(), torch.tensor([3]))
+    torch.testing.assert_close(twice, once)  # the mean of two equal cross-entropies
+    (g,) = torch.autograd.grad(twice, h)
+    (g_ref,) = torch.autograd.grad(once, h)
+    torch.testing.assert_close(g, g_ref)
+
+
+@pytest.mark.parametrize("s,stage", [(4, "superposition"), (1, "next-token")])
+def test_the_model_loss_equals_the_plain_path_in_both_stages(s, stage, monkeypatch):
+    monkeypatch.setattr(model, "HEAD_CHUNK_LOGITS", 7 * 61)
+    m = tiny()
+    rows = torch.randint(0, 61, (3, s * 8 + 1))
+    x, targets, w = tst.Stage(0, 1, s, weights=tuple(tst.bag_weights(s, "power").tolist())).inputs_and_targets(rows)
+    loss, aux = m(x, targets, w)
+    grads = torch.autograd.grad(loss, list(m.parameters()))
+    plain = tst.mce_loss(m(x).float(), targets.view(3, 8, -1), w if w is not None else torch.ones(1))
+    plain_grads = torch.autograd.grad(plain, list(m.parameters()))
+    torch.testing.assert_close(loss, plain)
+    assert aux.item() == 0.0
+    for g, r in zip(grads, plain_grads):
+        torch.testing.assert_close(g, r)
+
+
+def test_head_loss_under_bf16_autocast_matches_the_bf16_plain_path():
+    torch.manual_seed(0)
+    h = torch.randn(64, 32, requires_grad=True)
+    weight = torch.randn(100, 32, requires_grad=True)
+    targets = random_targets(64, 4, 100, 0.1, 1)
+    w = tst.bag_weights(4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = head_loss(h, weight, targets, w)
+        ref = tst.mce_loss(F.linear(h, weight).float(), targets, w)  # bf16 logits, then float32 as before
+    grads = torch.autograd.grad(ours, (h, weight))
+    ref_grads = torch.autograd.grad(ref, (h, weight))
+    torch.testing.assert_close(ours, ref, atol=1e-3, rtol=1e-3)
+    for g, r in zip(grads, ref_grads):
+        assert g.dtype == r.dtype
+        torch.testing.assert_close(g, r, atol=2e-3, rtol=2e-2)
+
+
+def test_a_tied_head_gets_the_gradient_of_both_uses():
+    m = tiny(tie_embeddings=True)
+    x, y = torch.randint(0, 61, (2, 8)), torch.randint(0, 61, (2, 8))
+    loss, _ = m(x, y)
+    (g,) = torch.autograd.grad(loss, m.embed.weight)
+    plain = F.cross_entropy(m(x).flatten(0, 1), y.flatten())
+    (g_ref,) = torch.autograd.grad(plain, m.embed.weight)
+    torch.testing.assert_close(g, g_ref)
+
+
+def test_head_loss_needs_no_gradient_for_evaluation():
+    m = tiny()
+    x, y = torch.randint(0, 61, (2, 8)), torch.randint(0, 61, (2, 8))
+    with torch.no_grad():
+        loss, _ = m(x, y)
+        assert not loss.requires_grad
+        torch.testing.assert_close(loss, F.cross_entropy(m(x).flatten(0, 1), y.flatten()))

@@ -172,12 +172,14 @@ def test_model_aux_loss_is_the_coefficient_times_the_sum_over_layers():
     per_layer = []
     for layer in m.layers:
         layer.mlp.register_forward_hook(lambda mod, inp, out: per_layer.append(out[1]))
-    _, aux = m(torch.randint(0, 61, (2, 12)), return_aux_loss=True)
+    x = torch.randint(0, 61, (2, 12))
+    _, aux = m(x, x)
     assert len(per_layer) == 3 and all(a.item() > 0.99 for a in per_layer)
     torch.testing.assert_close(aux, 0.01 * sum(per_layer))
     for kw in ({"balance": "bias"}, {"balance": "none"}, {"n_experts": 0, "top_k": 0, "expert_ffn_dim": 0}):
-        logits, aux = tiny_moe(**kw)(torch.randint(0, 61, (2, 12)), return_aux_loss=True)
-        assert aux.shape == () and aux.item() == 0.0 and logits.shape == (2, 12, 61)
+        x = torch.randint(0, 61, (2, 12))
+        loss, aux = tiny_moe(**kw)(x, x)
+        assert aux.shape == () and aux.item() == 0.0 and loss.shape == ()
 
 
 def test_bias_update_moves_the_load_toward_balance():
@@ -229,9 +231,9 @@ def test_distributed_paths_run_in_a_one_process_group(tmp_path):
     try:
         m = tiny_moe()
         x = torch.randint(0, 61, (3, 10))
-        _, aux = m(x, return_aux_loss=True)  # all-reduces f in every layer
+        _, aux = m(x, x)  # all-reduces f in every layer
         dist.destroy_process_group()
-        _, aux_local = m(x, return_aux_loss=True)
+        _, aux_local = m(x, x)
         torch.testing.assert_close(aux, aux_local)  # one rank: the global batch is the local one
         dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store2'}", rank=0, world_size=1)
         assert m.pop_expert_load().sum(1).tolist() == [2 * 60.0, 2 * 60.0]
@@ -243,8 +245,9 @@ def test_distributed_paths_run_in_a_one_process_group(tmp_path):
 def test_gradients_reach_router_experts_and_shared_expert():
     for balance in ("aux", "bias"):
         m = tiny_moe(shared_expert_ffn_dim=16, balance=balance)
-        logits, aux = m(torch.randint(0, 61, (4, 16)), return_aux_loss=True)
-        (logits.square().mean() + aux).backward()
+        x = torch.randint(0, 61, (4, 16))
+        loss, aux = m(x, x.roll(1, 1))
+        (loss + aux).backward()
         moe = m.layers[0].mlp
         for p in (moe.router.weight, moe.shared.w_gate.weight, m.embed.weight):
             assert p.grad is not None and p.grad.abs().sum() > 0
@@ -259,17 +262,16 @@ def test_tiny_moe_tst_run_goes_through_both_phases(balance):
     m = tiny_moe(balance=balance, bias_update_rate=0.01)
     opt = torch.optim.AdamW(m.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
     max_steps, s, r, B, T = 10, 4, 0.4, 4, 16
-    weights = tst.bag_weights(s, "power")
+    schedule = tst.Schedule({**tst.DEFAULTS, "s": s, "r": r, "bag_weights": "power"}, max_steps)
     stream = torch.arange(10_000) % 61  # a repeating text, so that the loss has something to learn
     pos, phases, losses = 0, [], []
     for step in range(max_steps):
-        phase = tst.phase(step, r, max_steps, s)
-        n = tst.data_tokens_per_row(T, s, phase)
+        stage = schedule.stage(step)
+        n = stage.data_tokens_per_row(T)
         rows = torch.stack([stream[pos + b * n: pos + b * n + n + 1] for b in range(B)])
         pos += B * n
-        x, targets = tst.batch(rows, s, phase)
-        logits, aux = m(x, return_aux_loss=True)
-        loss = tst.mce_loss(logits, targets, weights if phase == 1 else tst.bag_weights(1)) + aux
+        loss, aux = m(*stage.inputs_and_targets(rows))
+        loss = loss + aux
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -277,9 +279,9 @@ def test_tiny_moe_tst_run_goes_through_both_phases(balance):
         assert torch.equal(load.sum(1), torch.full((2,), B * T * 2.0))  # latent positions route like any other
         if balance == "bias":
             m.update_expert_bias(load)
-        phases.append(phase)
+        phases.append(stage.s)
         losses.append(loss.item())
-    assert phases == [1] * tst.switch_step(r, max_steps, s) + [2] * (max_steps - tst.switch_step(r, max_steps, s))
+    assert phases == [s] * 4 + [1] * 6  # floor(0.4 * 10) superposition steps
     assert all(math.isfinite(v) for v in losses)
     assert losses[3] < losses[0]  # phase 1 learns
     if balance == "bias":
@@ -335,10 +337,10 @@ def test_init_covers_the_experts_and_a_meta_built_model():
 def test_flops_count_active_parameters():
     m = tiny_moe(experts_impl="loop", n_experts=16, expert_ffn_dim=64)
     B, T = 2, 16
-    x, targets = tst.batch(torch.randint(0, 61, (B, T + 1)), 1, 2)
+    rows = torch.randint(0, 61, (B, T + 1))
     with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
-        logits, aux = m(x, return_aux_loss=True)
-        (tst.mce_loss(logits, targets, tst.bag_weights(1)) + aux).backward()
+        loss, aux = m(rows[:, :-1], rows[:, 1:])
+        (loss + aux).backward()
     predicted = m.cfg.flops_per_position(T) * B * T
     # counted beyond the formula: the k-way weighted sum of expert outputs (a small bmm); the norms are not
     assert abs(counter.get_total_flops() - predicted) / predicted < 0.02
@@ -387,8 +389,8 @@ def read_config(name):
 
 
 TRAIN_KEYS = {"out_dir", "data_dir", "vocab_size", "seq_len", "batch_size", "global_batch_tokens", "max_steps", "lr",
-              "warmup_steps", "decay_frac", "weight_decay", "s", "r", "tst_mode", "weights", "eval_interval",
-              "eval_iters", "fsdp", "compile"}
+              "warmup_steps", "decay_frac", "weight_decay", "s", "r", "tst_mode", "bag_weights", "eval_interval",
+              "eval_tokens", "fsdp", "compile", "data_source", "tokenizer"}
 MODEL_KEYS = {f.name for f in fields(ModelConfig)}
 
 
@@ -402,11 +404,11 @@ def test_10b_a1b_configs_are_the_papers_runs():
         assert set(conf) <= TRAIN_KEYS | MODEL_KEYS
         assert model_config(conf) == NAMED_SHAPES["10b-a1b"]
         assert conf["global_batch_tokens"] == 8 * 2**20 and conf["lr"] == 3e-4 and conf["fsdp"] and conf["compile"]
-    assert base["max_steps"] == 125_000 and base["s"] == 1
-    assert (run["max_steps"], run["s"], run["r"], run["weights"]) == (50_000, 16, 0.25, "power")
+    assert base["max_steps"] == 125_000 and "s" not in base  # the default: no superposition
+    assert (run["max_steps"], run["s"], run["r"], run["bag_weights"]) == (50_000, 16, 0.25, "power")
     # the paper's data budgets: 1.05T tokens for the baseline, about 2T for TST
     assert base["max_steps"] * base["global_batch_tokens"] == pytest.approx(1.05e12, rel=0.01)
-    n1 = tst.switch_step(run["r"], run["max_steps"], run["s"])
+    n1 = tst.step_at(run["r"], run["max_steps"])
     data = (n1 * run["s"] + run["max_steps"] - n1) * run["global_batch_tokens"]
     assert data == pytest.approx(2.0e12, rel=0.01)
 
@@ -417,6 +419,7 @@ def test_tiny_moe_config_builds_a_cpu_moe():
     cfg = model_config({**conf, "vocab_size": conf["vocab_size"] or 256})
     assert cfg.n_experts > 0 and conf["s"] > 1 and not conf["fsdp"]
     m = Transformer(cfg)
-    x, _ = tst.batch(torch.randint(0, 256, (2, conf["s"] * conf["seq_len"] + 1)), conf["s"], 1)
-    logits, aux = m(x, return_aux_loss=True)
-    assert logits.shape == (2, conf["seq_len"], cfg.vocab_size) and aux.item() > 0
+    rows = torch.randint(0, 256, (2, conf["s"] * conf["seq_len"] + 1))
+    x, targets, w = tst.Stage(0, 1, conf["s"], weights=(0.25,) * 4).inputs_and_targets(rows)
+    loss, aux = m(x, targets, w)
+    assert m(x).shape == (2, conf["seq_len"], cfg.vocab_size) and aux.item() > 0 and loss.item() > 0

@@ -1,4 +1,4 @@
-"""train.py at its seams: the phase switch, token accounting, exact resume, DDP, bad settings."""
+"""train.py at its seams: the stage switches, token accounting, exact resume, DDP, bad settings, removing TST."""
 
 import json
 import os
@@ -11,8 +11,9 @@ import pytest
 import torch
 
 import data
+import model
 import train
-import tst
+from data import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,7 +33,7 @@ def data_dir(tmp_path_factory):
 def settings(data_dir, out_dir, **overrides):
     base = dict(data_dir=data_dir, out_dir=out_dir, dim=32, n_layers=2, n_heads=2, n_kv_heads=2, ffn_dim=64,
                 max_seq_len=16, seq_len=16, batch_size=4, max_steps=10, warmup_steps=2, lr=1e-2, s=4, r=0.3,
-                eval_interval=5, eval_iters=2, log_interval=100, ckpt_interval=1, keep_last=20)
+                eval_interval=5, eval_tokens=128, log_interval=100, ckpt_interval=1, keep_last=20, device="cpu")
     base.update(overrides)
     return [f"--{k}={v}" for k, v in base.items()]
 
@@ -46,6 +47,7 @@ def test_both_phases_end_to_end_with_exact_accounting(data_dir, tmp_path):
     log = read_log(tmp_path / "run")
     assert [r["step"] for r in log] == list(range(10))
     assert [r["phase"] for r in log] == [1, 1, 1] + [2] * 7  # floor(0.3 * 10) = 3 superposition steps
+    assert [r["s"] for r in log] == [4, 4, 4] + [1] * 7
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in log)
     rows, T, s = 4, 16, 4
     for r in log:
@@ -112,27 +114,28 @@ def test_a_corrupt_checkpoint_is_refused(data_dir, tmp_path):
     train.main(settings(data_dir, run, max_steps=3))
     target = (run / "ckpt.pt").resolve()
     target.write_bytes(target.read_bytes()[:1000])  # truncated
-    with pytest.raises(RuntimeError, match="corrupt or truncated"):
+    with pytest.raises(UserError, match="corrupt or truncated"):
         train.main(settings(data_dir, run, max_steps=3, resume=True))
 
 
 def test_a_checkpoint_of_other_settings_is_refused_with_the_differences(data_dir, tmp_path):
     run = tmp_path / "run"
     train.main(settings(data_dir, run, max_steps=3))
-    with pytest.raises(RuntimeError, match=r"s: checkpoint 4, this run 6(.|\n)*lr: checkpoint 0.01, this run 0.02"):
+    with pytest.raises(UserError, match=r"lr: checkpoint 0.01, this run 0.02; s: checkpoint 4, this run 6\)"):
         train.main(settings(data_dir, run, max_steps=3, resume=True, s=6, lr=0.02))
 
 
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(data_dir, tmp_path, monkeypatch):
     calls = {"n": 0}
-    real = tst.mce_loss
+    real = model.head_loss
 
-    def poisoned(logits, targets, weights):
-        calls["n"] += 1
-        loss = real(logits, targets, weights)
+    def poisoned(*args):
+        loss = real(*args)
+        if torch.is_grad_enabled():  # training steps, not evaluations
+            calls["n"] += 1
         return loss * float("nan") if calls["n"] > 5 else loss
 
-    monkeypatch.setattr(tst, "mce_loss", poisoned)
+    monkeypatch.setattr(model, "head_loss", poisoned)
     with pytest.raises(FloatingPointError, match="step 5"):
         train.main(settings(data_dir, tmp_path / "run", eval_interval=100))
     ckpt = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)
@@ -140,10 +143,15 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(data_dir, tmp_pa
 
 
 @pytest.mark.parametrize("override,message", [
-    ("--r=1.0", "r=1.0: the phase-1 fraction must be in"),
-    ("--s=0", "s=0: the bag size must be >= 1"),
+    ("--r=1.0", "r=1.0: the superposition fraction must be in"),
+    ("--s=0", "s=0: the bag size must be an integer >= 1"),
     ("--tst_mode=both", "tst_mode='both'"),
-    ("--weights=square", "unknown bag weights 'square'"),
+    ("--bag_weights=square", "bag_weights='square'"),
+    ("--bag_weights=power:abc", "power:K needs a number K"),
+    ("--s_schedule=[(0.15, 8), (0.3, 4)]", "set either s and r, or s_schedule"),
+    ("--eval_tokens=0", "eval_tokens=0: an evaluation scores at least one row"),
+    ("--out_dir=", "out_dir is empty"),
+    ("--seed=-1", "seed=-1: must be in"),
     ("--lr=fast", "lr='fast' is a str, but lr takes a float"),
     ("--bag_size=4", "unknown setting 'bag_size'"),
     ("--global_batch_tokens=1000", "global_batch_tokens=1000 is not a multiple of batch_size * seq_len"),
@@ -153,7 +161,7 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(data_dir, tmp_pa
     ("--s", "write overrides as --key=value"),
 ])
 def test_bad_settings_are_rejected_before_any_work(override, message):
-    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("*", r"\*")):
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace("*", r"\*")):
         train.parse_config([str(ROOT / "config" / "tiny_tst.py"), override])
 
 
@@ -164,7 +172,7 @@ def test_config_files_and_overrides(tmp_path):
     assert c["global_batch_tokens"] == 2 * 2**20 and c["warmup_steps"] == 2000
     bad = tmp_path / "bad.py"
     bad.write_text("learning_rate = 1e-3\n")
-    with pytest.raises(ValueError, match="bad.py: unknown setting 'learning_rate'"):
+    with pytest.raises(UserError, match="bad.py: unknown setting 'learning_rate'"):
         train.parse_config([str(bad)])
 
 
@@ -181,12 +189,12 @@ def test_every_config_parses():
 
 
 def test_a_row_longer_than_the_data_fails_early(data_dir, tmp_path):
-    with pytest.raises(ValueError, match="do not fit the data"):
+    with pytest.raises(UserError, match="rows of 65537 tokens do not fit the 56958 train tokens"):
         train.main(settings(data_dir, tmp_path / "run", s=4096))  # rows of 65,537 tokens
 
 
 def test_missing_data_names_the_command_to_prepare_it(tmp_path):
-    with pytest.raises(FileNotFoundError, match="python data.py --source dclm"):
+    with pytest.raises(UserError, match="python data.py --source dclm"):
         train.main(settings(tmp_path / "nothing", tmp_path / "run", data_source="dclm"))
 
 
@@ -224,8 +232,12 @@ def test_ddp_two_processes_match_one_process_with_the_global_batch(data_dir, tmp
     rank0, rank1 = torchrun(tmp_path, settings(data_dir, tmp_path / "ddp", max_steps=6, batch_size=2,
                                                global_batch_tokens=128))
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)  # gradients were synchronised
-    single = train.main(settings(data_dir, tmp_path / "single", max_steps=6, batch_size=8))
+    # one process, gradient accumulation: 4 micro-steps of 2 rows
+    single = train.main(settings(data_dir, tmp_path / "single", max_steps=6, batch_size=2, global_batch_tokens=128))
     ddp_log, single_log = read_log(tmp_path / "ddp"), read_log(tmp_path / "single")
+    # the validation rows are split among the processes, not multiplied by them: the same figure for the same weights
+    val = [(a["val_loss"], b["val_loss"]) for a, b in zip(ddp_log, single_log) if "val_loss" in a]
+    assert len(val) == 3 and all(abs(a - b) < 1e-5 for a, b in val)
     assert [r["phase"] for r in ddp_log] == [r["phase"] for r in single_log] == [1] + [2] * 5
     assert [r["data_tokens"] for r in ddp_log] == [r["data_tokens"] for r in single_log]
     for a, b in zip(ddp_log, single_log):
@@ -256,7 +268,7 @@ def test_fsdp_matches_one_process_and_resumes_exactly_from_sharded_checkpoints(d
 
 @pytest.mark.parametrize("mode,per_position", [("input", 4), ("output", 1)])
 def test_ablation_modes_consume_the_right_data(data_dir, tmp_path, mode, per_position):
-    train.main(settings(data_dir, tmp_path / "run", tst_mode=mode, weights="[1, 2, 3, 4]", max_steps=4))
+    train.main(settings(data_dir, tmp_path / "run", tst_mode=mode, bag_weights="[1, 2, 3, 4]", max_steps=4))
     first = read_log(tmp_path / "run")[0]
     assert first["phase"] == 1 and first["data_tokens"] == per_position * first["positions"]
 
@@ -275,15 +287,15 @@ def test_reinit_at_switch_replaces_embedding_and_head_only(data_dir, tmp_path):
             assert changed == (reinit and key in ("embed.weight", "lm_head.weight")), key
 
 
-def test_reset_optimizer_at_switch_drops_the_moments(data_dir, tmp_path):
-    for reset, steps_seen in ((False, 2), (True, 1)):
-        _, after = switch_run(data_dir, tmp_path / str(reset), reset_optimizer_at_switch=reset)
-        assert {int(v["step"]) for v in after["optimizer"]["state"].values()} == {steps_seen}
+def test_reinit_at_switch_drops_the_moments_of_what_it_replaces(data_dir, tmp_path):
+    _, after = switch_run(data_dir, tmp_path / "run", reinit_at_switch=True)
+    steps = [int(v["step"]) for v in after["optimizer"]["state"].values()]
+    assert sorted(steps) == [1, 1] + [2] * (len(steps) - 2)  # embedding and head restarted their moments
 
 
 def test_a_fresh_run_refuses_a_folder_with_checkpoints(data_dir, tmp_path):
     train.main(settings(data_dir, tmp_path / "run", max_steps=2))
-    with pytest.raises(FileExistsError, match="--resume=True, or give this run a new out_dir"):
+    with pytest.raises(UserError, match="--resume=True, or give this run a new out_dir"):
         train.main(settings(data_dir, tmp_path / "run", max_steps=2))
 
 
@@ -291,3 +303,173 @@ def test_a_tied_model_stays_tied_after_its_meta_construction(data_dir, tmp_path)
     model = train.main(settings(data_dir, tmp_path / "run", max_steps=2, tie_embeddings=True))
     assert model.lm_head.weight is model.embed.weight
     assert model.cfg.num_params() == sum(p.numel() for p in model.parameters())
+
+
+# -----------------------------------------------------------------------------
+# Several stages (s_schedule), resume across each switch, and the seams a new user found
+
+SCHEDULE = "[(0.2, 8), (0.5, 2)]"  # 10 steps: s = 8 for steps 0-1, s = 2 for steps 2-4, next-token from step 5
+
+
+def test_a_schedule_of_stages_end_to_end(data_dir, tmp_path):
+    train.main(settings(data_dir, tmp_path / "run", s=1, r=0.0, s_schedule=SCHEDULE))
+    log = read_log(tmp_path / "run")
+    assert [r["s"] for r in log] == [8, 8, 2, 2, 2, 1, 1, 1, 1, 1]
+    rows, T = 4, 16
+    per_step = [r["positions"] - (log[i - 1]["positions"] if i else 0) for i, r in enumerate(log)]
+    assert per_step == [rows * T] * 10  # equal FLOPs in every stage
+    data_per_step = [r["data_tokens"] - (log[i - 1]["data_tokens"] if i else 0) for i, r in enumerate(log)]
+    assert data_per_step == [rows * T * s for s in [8, 8, 2, 2, 2, 1, 1, 1, 1, 1]]
+    evaluated = [r["step"] for r in log if "val_loss" in r]
+    assert {1, 4} <= set(evaluated)  # the last step of each stage is evaluated
+
+
+def test_resume_is_exact_across_every_stage_boundary(data_dir, tmp_path):
+    full = tmp_path / "full"
+    train.main(settings(data_dir, full, s=1, r=0.0, s_schedule=SCHEDULE, keep_last=1, ckpt_interval=100))
+    names = sorted(p.name for p in full.glob("ckpt_*.pt"))
+    assert names == ["ckpt_0000002.pt", "ckpt_0000005.pt", "ckpt_0000010.pt"]  # each boundary is kept
+    expected = read_log(full)
+    keys = ("step", "s", "loss", "grad_norm", "positions", "data_tokens", "lr", "val_loss")
+    for step in (2, 5):
+        resumed = resume_from(data_dir, full, step, tmp_path / f"from{step}", s=1, r=0.0, s_schedule=SCHEDULE,
+                              keep_last=1, ckpt_interval=100)
+        assert [{k: r.get(k) for k in keys} for r in resumed] == [{k: r.get(k) for k in keys} for r in expected]
+
+
+def test_resuming_a_finished_run_says_so_and_changes_nothing(data_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    train.main(settings(data_dir, run, max_steps=3))
+    before = (run / "log.jsonl").read_text()
+    train.main(settings(data_dir, run, max_steps=3, resume=True))
+    assert "is complete: all 3 steps are done" in capsys.readouterr().out
+    assert (run / "log.jsonl").read_text() == before
+
+
+def test_resume_drops_a_log_line_torn_by_a_crash(data_dir, tmp_path):
+    full = tmp_path / "full"
+    train.main(settings(data_dir, full, max_steps=4))
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(full / "ckpt_0000002.pt", run / "ckpt_0000002.pt")
+    (run / "ckpt.pt").symlink_to("ckpt_0000002.pt")
+    lines = (full / "log.jsonl").read_text().splitlines(keepends=True)
+    (run / "log.jsonl").write_text("".join(lines[:2]) + lines[2][:40])  # the disk filled while writing step 2
+    train.main(settings(data_dir, run, max_steps=4, resume=True))
+    assert [r["loss"] for r in read_log(run)] == [r["loss"] for r in read_log(full)]
+
+
+def test_a_failed_save_names_the_file_and_step_and_leaves_no_partial_file(data_dir, tmp_path, monkeypatch):
+    real_save = torch.save
+
+    def disk_full(obj, path, *args, **kwargs):
+        if str(path).endswith("ckpt_0000002.tmp"):
+            Path(path).write_bytes(b"partial")
+            raise OSError(28, "No space left on device")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    run = tmp_path / "run"
+    with pytest.raises(UserError, match=r"saving checkpoint .*ckpt_0000002.pt \(step 2\) failed: .*No space left"):
+        train.main(settings(data_dir, run, max_steps=4))
+    assert not list(run.glob("*.tmp")) and (run / "ckpt.pt").resolve().name == "ckpt_0000001.pt"
+    monkeypatch.setattr(torch, "save", real_save)
+    train.main(settings(data_dir, run, max_steps=4, resume=True))  # space freed: the run continues
+    assert [r["step"] for r in read_log(run)] == [0, 1, 2, 3]
+
+
+def test_the_data_folder_is_the_authority_on_its_tokenizer(data_dir, tmp_path):
+    with pytest.raises(UserError, match=r"tokenizer='gpt2', but .* was prepared with 'bytes': set tokenizer='bytes'"):
+        train.main(settings(data_dir, tmp_path / "run", tokenizer="gpt2"))
+
+
+def test_a_damaged_validation_shard_is_found_at_start_up(data_dir, tmp_path):
+    copy = tmp_path / "data"
+    shutil.copytree(data_dir, copy)
+    val = copy / "val_000000.bin"
+    val.write_bytes(val.read_bytes()[:-10])
+    with pytest.raises(UserError, match="val_000000.bin"):
+        train.main(settings(copy, tmp_path / "run"))
+    assert not (tmp_path / "run" / "log.jsonl").exists()  # before any step
+
+
+def test_more_processes_than_gpus_is_one_clear_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    config = train.parse_config([str(ROOT / "config" / "tiny_baseline.py"), "--device=cuda"])
+    with pytest.raises(UserError, match="2 processes on this node but 1 visible GPU.*--nproc_per_node=1"):
+        train.setup_processes(config)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_device_cuda_without_cuda_is_one_clear_error():
+    with pytest.raises(UserError, match="device=cuda, but this torch"):
+        train.setup_processes(train.parse_config([str(ROOT / "config" / "tiny_baseline.py"), "--device=cuda"]))
+
+
+def test_user_mistakes_print_one_line_and_the_codes_errors_keep_their_traceback(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--seed=-1"], capture_output=True, text=True,
+                            cwd=tmp_path)
+    assert result.returncode == 1 and result.stderr.strip().splitlines() == ["error: seed=-1: must be in [0, 2**32)"]
+    assert not (tmp_path / "out").exists()  # nothing written before the settings are checked
+
+
+# What the shipped configs promise in their comments: the data folder, its source and its tokenizer.
+CONFIG_DATA = {
+    "tiny_baseline.py": ("data/stdlib_bytes", "stdlib", "bytes"),
+    "tiny_tst.py": ("data/stdlib_bytes", "stdlib", "bytes"),
+    "tiny_moe_tst.py": ("data/stdlib_bytes", "stdlib", "bytes"),
+    "small_baseline.py": ("data/fwedu_gpt2", "fineweb-edu:sample-10BT", "gpt2"),
+    "small_tst.py": ("data/fwedu_gpt2", "fineweb-edu:sample-10BT", "gpt2"),
+    "270m_baseline.py": ("data/dclm_llama3", "dclm", "llama3:tokenizer.model"),
+    "270m_tst.py": ("data/dclm_llama3", "dclm", "llama3:tokenizer.model"),
+    "600m_baseline.py": ("data/dclm_llama3", "dclm", "llama3:tokenizer.model"),
+    "600m_tst.py": ("data/dclm_llama3", "dclm", "llama3:tokenizer.model"),
+    "3b_baseline.py": ("data/dclm_llama3", "dclm", "llama3:tokenizer.model"),
+    "3b_tst.py": ("data/dclm_llama3", "dclm", "llama3:tokenizer.model"),
+    "10b_a1b_baseline.py": ("data/dclm_fwedu_llama3", "0.5*dclm,0.5*fineweb-edu", "llama3:tokenizer.model"),
+    "10b_a1b_tst.py": ("data/dclm_fwedu_llama3", "0.5*dclm,0.5*fineweb-edu", "llama3:tokenizer.model"),
+}
+
+
+def test_every_config_resolves_to_the_data_and_tokenizer_it_promises():
+    shipped = {p.name for p in (ROOT / "config").glob("*.py")}
+    assert set(CONFIG_DATA) <= shipped
+    for name in sorted(shipped):
+        config = train.parse_config([str(ROOT / "config" / name)])
+        if name in CONFIG_DATA:
+            assert (config["data_dir"], config["data_source"], config["tokenizer"]) == CONFIG_DATA[name], name
+        elif config["data_source"] == "stdlib":
+            assert config["tokenizer"] == "bytes", name
+        else:  # a config for another corpus names its own data folder, not the offline default's
+            assert config["data_dir"] != train.DEFAULTS["data_dir"], name
+        llama = config["tokenizer"].startswith("llama3:")
+        assert (config["vocab_size"] == model.LLAMA3_VOCAB) == llama, name
+
+
+# Removing TST from a fork: delete tst.py and the lines marked "# TST". What is left must train exactly the baseline.
+def test_deleting_the_marked_lines_leaves_exactly_the_baseline_trainer(data_dir, tmp_path):
+    fork = tmp_path / "fork"
+    fork.mkdir()
+    marked = {}
+    for name in ("train.py", "model.py", "data.py"):
+        lines = (ROOT / name).read_text().splitlines(keepends=True)
+        kept = [line for line in lines if "# TST" not in line]
+        marked[name] = len(lines) - len(kept)
+        (fork / name).write_text("".join(kept))
+    assert marked == {"train.py": marked["train.py"], "model.py": 2, "data.py": 0} and marked["train.py"] <= 15
+    for name in ("train.py", "model.py"):
+        assert "import tst" not in (fork / name).read_text(), name
+    args = settings(data_dir, tmp_path / "fork_run", s=1, r=0.0, max_steps=4)
+    args = [a for a in args if not a.startswith(("--s=", "--r="))]  # the fork has no such settings
+    result = subprocess.run([sys.executable, str(fork / "train.py"), *args], capture_output=True, text=True,
+                            cwd=fork, env={**os.environ, "PYTHONPATH": str(fork)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    train.main(settings(data_dir, tmp_path / "baseline", s=1, r=0.0, max_steps=4))
+    keys = ("step", "loss", "grad_norm", "positions", "data_tokens", "val_loss")
+    assert [{k: r.get(k) for k in keys} for r in read_log(tmp_path / "fork_run")] == \
+        [{k: r.get(k) for k in keys} for r in read_log(tmp_path / "baseline")]

@@ -62,18 +62,18 @@ def test_bag_targets_with_s_1_is_the_identity():
     assert torch.equal(tst.bag_targets(labels, 1).squeeze(-1), labels)
 
 
-def test_bag_embed_is_the_mean_of_the_bag():
+def test_bag_mean_is_the_mean_of_the_bag():
     emb = torch.nn.Embedding(10, 3)
     bags = torch.tensor([[[1, 2], [3, 3]]])
     expected = torch.stack([(emb.weight[1] + emb.weight[2]) / 2, emb.weight[3]])
-    torch.testing.assert_close(tst.bag_embed(emb, bags)[0], expected)
+    torch.testing.assert_close(tst.bag_mean(emb(bags))[0], expected)
 
 
-def test_bag_embed_accumulates_bf16_in_float32():
+def test_bag_mean_accumulates_bf16_in_float32():
     torch.manual_seed(0)
     emb = torch.nn.Embedding(50, 64).to(torch.bfloat16)
     bags = torch.randint(0, 50, (2, 5, 16))
-    out = tst.bag_embed(emb, bags)
+    out = tst.bag_mean(emb(bags))
     assert out.dtype == torch.bfloat16
     exact = emb.weight.double()[bags].mean(dim=2)
     vectors = emb(bags)
@@ -86,10 +86,10 @@ def test_bag_embed_accumulates_bf16_in_float32():
     assert (naive.double() - exact).abs().max() > (out.double() - exact).abs().max()
 
 
-def test_bag_embed_gradient_counts_repeated_tokens():
+def test_bag_mean_gradient_counts_repeated_tokens():
     emb = torch.nn.Embedding(10, 4)
     bags = torch.tensor([[[7, 7, 2, 5]]])  # token 7 twice in one bag of 4
-    tst.bag_embed(emb, bags).sum().backward()
+    tst.bag_mean(emb(bags)).sum().backward()
     grad = emb.weight.grad
     torch.testing.assert_close(grad[7], torch.full((4,), 2 / 4))
     torch.testing.assert_close(grad[2], torch.full((4,), 1 / 4))
@@ -108,9 +108,11 @@ def test_bag_weights_hand_computed():
     torch.testing.assert_close(tst.bag_weights(2, [3, 1]), torch.tensor([0.75, 0.25]))
 
 
-@pytest.mark.parametrize("bad", ["square", [1, 2], [-1, 2, 3], [0, 0, 0]])
-def test_bag_weights_rejects_bad_kinds(bad):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize("bad,message", [("square", "use uniform, power"), ([1, 2], "needs s=3 numbers"),
+                                         ([-1, 2, 3], "non-negative"), ([0, 0, 0], "not all 0"),
+                                         ("power:abc", "power:K needs a number K")])
+def test_bag_weights_rejects_bad_kinds_by_name(bad, message):
+    with pytest.raises(ValueError, match=message):
         tst.bag_weights(3, bad)
 
 
@@ -120,7 +122,8 @@ def test_mce_equals_the_papers_loop_of_cross_entropies(s, kind):
     torch.manual_seed(s)
     T, V = 6, 37
     rows = torch.randint(0, V, (3, s * T + 1))
-    _, targets = tst.batch(rows, s, phase=1)
+    _, targets, _ = stage(s).inputs_and_targets(rows)
+    targets = targets.view(3, T, -1)  # next-token targets (s = 1) have no bag axis
     logits = torch.randn(3, T, V, requires_grad=True)
     weights = tst.bag_weights(s, kind)
     ours = tst.mce_loss(logits, targets, weights)
@@ -158,39 +161,89 @@ def test_mce_drops_a_column_with_no_valid_entry():
     torch.testing.assert_close(tst.mce_loss(logits, targets, tst.bag_weights(2)), expected)
 
 
+def stage(s, mode="full", kind="uniform"):
+    return tst.Stage(0, 10, s, mode, tuple(tst.bag_weights(s, kind).tolist()))
+
+
 def test_mode_targets():
     s, T = 3, 4
     rows = torch.arange(s * T + 1).view(1, -1)  # data tokens 0..12
-    x, y = tst.batch(rows, s, phase=1, mode="full")
+    x, y, w = stage(s).inputs_and_targets(rows)
     assert x.tolist() == [[[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11]]]
     assert y[0, :, 0].tolist() == [3, 6, 9, 12] and y[0, 0].tolist() == [3, 4, 5]
-    x, y = tst.batch(rows, s, phase=1, mode="input")
+    torch.testing.assert_close(w, torch.full((3,), 1 / 3))
+    x, y, w = stage(s, "input").inputs_and_targets(rows)
     assert x.shape == (1, T, s) and y.tolist() == [[[3], [6], [9], [12]]]  # the first token of the next bag
+    assert w.tolist() == [1.0]
     rows = torch.arange(T + 1).view(1, -1)  # output-only reads no extra data: T + 1 tokens
-    x, y = tst.batch(rows, s, phase=1, mode="output")
+    x, y, _ = stage(s, "output").inputs_and_targets(rows)
     assert x.tolist() == [[0, 1, 2, 3]]
     I = IGNORE_INDEX
     assert y.tolist() == [[[1, 2, 3], [2, 3, 4], [3, 4, I], [4, I, I]]]
-    x, y = tst.batch(rows, s, phase=2)
-    assert x.tolist() == [[0, 1, 2, 3]] and y.tolist() == [[[1], [2], [3], [4]]]
+    x, y, w = stage(1).inputs_and_targets(rows)
+    assert x.tolist() == [[0, 1, 2, 3]] and y.tolist() == [[1, 2, 3, 4]] and w is None
 
 
-def test_phase_logic():
-    assert tst.switch_step(0.3, 20_000, 6) == 6_000  # the paper's 270M run: 6k of 20k steps
-    assert tst.switch_step(0.25, 10, 4) == 2  # floor
-    assert tst.switch_step(0.3, 100, 1) == 0 and tst.switch_step(0.0, 100, 4) == 0  # baseline
-    assert [tst.phase(k, 0.3, 10, 4) for k in range(10)] == [1, 1, 1, 2, 2, 2, 2, 2, 2, 2]
-    assert tst.data_tokens_per_row(2048, 6, 1) == 6 * 2048
-    assert tst.data_tokens_per_row(2048, 6, 1, "input") == 6 * 2048
-    assert tst.data_tokens_per_row(2048, 6, 1, "output") == 2048
-    assert tst.data_tokens_per_row(2048, 6, 2) == 2048
+def test_data_tokens_per_row_by_mode():
+    assert stage(6).data_tokens_per_row(2048) == 6 * 2048
+    assert stage(6, "input").data_tokens_per_row(2048) == 6 * 2048
+    assert stage(6, "output").data_tokens_per_row(2048) == 2048
+    assert stage(1).data_tokens_per_row(2048) == 2048
+
+
+def settings(**kw):
+    return {**tst.DEFAULTS, **kw}
+
+
+def test_the_papers_single_switch():
+    schedule = tst.Schedule(settings(s=6, r=0.3), 20_000)
+    assert schedule.switch_step == 6_000 and schedule.boundaries == [6_000]  # the paper's 270M run: 6k of 20k
+    assert [schedule.stage(k).s for k in (0, 5_999, 6_000, 19_999)] == [6, 6, 1, 1]
+    assert tst.Schedule(settings(s=4, r=0.25), 10).switch_step == 2  # floor
+    for baseline in (settings(), settings(s=1, r=0.3), settings(s=4, r=0.0)):
+        schedule = tst.Schedule(baseline, 100)
+        assert schedule.switch_step == 0 and schedule.boundaries == [] and schedule.stage(0).s == 1
+
+
+def test_switch_step_is_exact_where_floating_point_is_not():
+    assert math.floor(0.29 * 100) == 28  # the float product undershoots
+    assert tst.step_at(0.29, 100) == 29
+    for n in (100, 977, 20_000, 50_000):
+        for k in range(1, 100):
+            r = k / 100
+            assert tst.step_at(r, n) == (k * n) // 100, (r, n)
+
+
+def test_a_schedule_of_several_stages():
+    schedule = tst.Schedule(settings(s_schedule=[(0.15, 8), (0.3, 4)], bag_weights="power"), 100)
+    assert [(st.start, st.end, st.s) for st in schedule.stages] == [(0, 15, 8), (15, 30, 4), (30, 100, 1)]
+    assert schedule.boundaries == [15, 30] and schedule.switch_step == 30
+    assert schedule.stage(14).data_tokens_per_row(16) == 128 and schedule.stage(15).data_tokens_per_row(16) == 64
+    assert schedule.longest_row(16) == 8 * 16 + 1
+    torch.testing.assert_close(torch.tensor(schedule.stage(20).weights), tst.bag_weights(4, "power"))
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(s_schedule=[(0.3, 4)], s=4, r=0.3), "set either s and r, or s_schedule"),
+    (dict(s_schedule=[(0.3, 4), (0.2, 2)]), "fractions increasing"),
+    (dict(s_schedule=[(0.3, 1)]), "s >= 2"),
+    (dict(s_schedule=[(1.0, 4)]), "0 < end_fraction < 1"),
+    (dict(s_schedule=[(0.001, 4)]), "at least one step"),
+    (dict(s_schedule=[4]), "each stage is a pair"),
+    (dict(r=1.0, s=4), "r=1.0"),
+    (dict(s=0), "s=0"),
+    (dict(tst_mode="both"), "tst_mode='both'"),
+    (dict(s=3, r=0.3, bag_weights=[1, 2]), "needs s=3 numbers"),
+])
+def test_impossible_schedules_are_refused_by_name(kw, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("*", r"\*")):
+        tst.Schedule(settings(**kw), 100)
 
 
 def test_s_1_is_exactly_next_token_training():
     rows = torch.randint(0, 50, (2, 9))
-    x1, y1 = tst.batch(rows, 1, phase=1)
-    x2, y2 = tst.batch(rows, 1, phase=2)
-    assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    x1, y1, w1 = stage(1).inputs_and_targets(rows)
+    assert torch.equal(x1, rows[:, :-1]) and torch.equal(y1, rows[:, 1:]) and w1 is None
     emb = torch.nn.Embedding(50, 8)
-    assert torch.equal(tst.bag_embed(emb, x1.unsqueeze(-1)), emb(x1))
+    assert torch.equal(tst.bag_mean(emb(x1.unsqueeze(-1))), emb(x1))
     assert math.isclose(tst.bag_weights(1, "power").item(), 1.0)
