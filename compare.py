@@ -334,7 +334,7 @@ def summary(root, jobs):
              seed_table(seed_groups(runs), baseline, markdown=True)]
     s_values = sorted({s for s, _, variant in means if variant == "full"})
     r_values = sorted({r for _, r, variant in means if variant == "full"})
-    if s_values:
+    if len(s_values) * len(r_values) > 1:  # a grid of one cell would repeat the table
         lines += ["", f"Mode full, mean final val loss by s and r (Δ vs the baseline, s=1: {base:.4f}):", "",
                   "| s \\ r | " + " | ".join(f"{r:g}" for r in r_values) + " |",
                   "|---:|" + "---:|" * len(r_values),
