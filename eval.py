@@ -1,49 +1,33 @@
-"""Evaluate a tst checkpoint: held-out loss, zero-shot multiple choice scored the way lm-evaluation-harness
-scores it, export to a Hugging Face `transformers` model directory, and a small sampler.
+"""Evaluate a tst checkpoint: held-out loss, zero-shot multiple choice scored as lm-evaluation-harness scores it,
+export to a Hugging Face model folder (weights and tokenizer), and a sampler.
 
-    python eval.py --ckpt RUN/ckpt.pt                           # held-out loss, perplexity, bits per byte
+    python eval.py --ckpt RUN/ckpt.pt                      # held-out loss (--loss_tokens all: the whole val split)
     python eval.py --ckpt RUN/ckpt.pt --tasks hellaswag,arc_easy --limit 100 --data_dir ../shared/data/evals
-    python eval.py export --ckpt RUN/ckpt.pt --out DIR          # AutoModelForCausalLM.from_pretrained(DIR)
+    python eval.py export --ckpt RUN/ckpt.pt --out hf/RUN   # for transformers and lm_eval --model hf
     python eval.py sample --ckpt RUN/ckpt.pt --prompt "It was a dark and stormy night"
 
 Results go to RUN/eval_step{step}.json (one row per task and metric: value, stderr, n, step).
-
-Zero-shot multiple choice follows EleutherAI/lm-evaluation-harness (v0.4, 0-shot, as the paper ran it):
-- Each task turns a document into a context and a list of choices with the harness's own template (each
-  builder below names the task file it follows). Choice i is scored as the log-likelihood of " " + choice_i
-  after the context (the one-space target_delimiter). WinoGrande is the harness's "multiple input" case:
-  the choices are contexts (the sentence up to the blank, option filled in) and the rest of the sentence
-  is the shared continuation.
-- Tokens as in the harness's TemplateLM._encode_pair: trailing whitespace of the context moves to the
-  front of the continuation; context tokens = encode(context); continuation tokens = encode(context +
-  continuation) minus as many leading tokens as the context has; the model reads context tokens +
-  continuation tokens, cut from the left to max_seq_len + 1.
-- BOS as the harness's Hugging Face backend adds it by default (add_bos_token unset: the tokenizer's own
-  default): a tokenizer with a BOS token (Llama 3's <|begin_of_text|>) starts every context with it; one
-  without (GPT-2 and the other tiktoken encodings, our byte tokenizer) adds nothing.
-- acc = 1 if argmax_i ll_i is the gold choice (ties: the first); acc_norm divides ll_i by the length of
-  choice i in characters first (the harness's doc_to_choice string, without the delimiter). Both for every
-  task, with the harness's standard error of a mean (sample standard deviation / sqrt(n)); MMLU is the mean
-  over all its questions (the harness weights subjects by size) with its subjects' errors pooled. The
-  harness's own configs report acc only for WinoGrande, BoolQ and MMLU: MMLU's choices are the letters A-D,
-  so acc_norm = acc there, and WinoGrande's choices are its contexts, so its acc_norm divides by those.
 """
 import argparse
 import bz2
 import csv
 import glob
+import importlib.util
 import json
 import math
 import os
+import pickle
 import re
-import struct
+import sys
 import time
+from dataclasses import fields
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from data import UserError, get_tokenizer, load_meta, read_shard, validation_rows
 from model import ModelConfig, Transformer
 
 # -----------------------------------------------------------------------------
@@ -61,17 +45,22 @@ def load_checkpoint(path, device="cpu"):
     sharded = os.path.isdir(path)
     state = os.path.join(path, "train_state.pt") if sharded else path
     if not os.path.isfile(state):
-        raise FileNotFoundError(f"no checkpoint at {state}")
+        raise UserError(f"no checkpoint at {state}: --ckpt takes a file or FSDP folder written by train.py")
     try:
         # our own files: they hold the training config and RNG states, not only tensors
         ckpt = torch.load(state, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise ValueError(f"{state} is not a checkpoint saved by train.py (torch.load failed: {e})") from e
+    except (pickle.UnpicklingError, EOFError, RuntimeError) as e:  # not a pickle; an empty or damaged archive
+        raise UserError(f"{state} is not a checkpoint saved by train.py (torch.load: {str(e).splitlines()[0]})"
+                        ) from None
     keys = CKPT_KEYS[1:] if sharded else CKPT_KEYS
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in keys):
         found = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise ValueError(f"{state} is not a checkpoint saved by train.py: expected a dict with keys "
-                         f"{list(keys)}, found {found}")
+        raise UserError(f"{state} is not a checkpoint saved by train.py: expected a dict with keys "
+                        f"{list(keys)}, found {found}")
+    unknown = sorted(set(ckpt["model_config"]) - {f.name for f in fields(ModelConfig)})
+    if unknown:
+        raise UserError(f"{state} was saved by another version of model.py: its model_config has {unknown}, "
+                        f"which this ModelConfig lacks")
     model = Transformer(ModelConfig(**ckpt["model_config"]))
     if sharded:
         import torch.distributed.checkpoint as dcp
@@ -79,6 +68,15 @@ def load_checkpoint(path, device="cpu"):
         dcp.load({"model": ckpt["model"]}, checkpoint_id=path)  # fills the tensors in place
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), ckpt
+
+
+def checkpoint_tokenizer(config):
+    """The tokenizer the run trained with, as its config names it."""
+    name = config["tokenizer"]
+    if name.startswith("llama3:") and not os.path.isfile(name.removeprefix("llama3:")):
+        raise UserError(f"the checkpoint's tokenizer {name!r} is not there seen from {os.getcwd()}: run eval.py "
+                        f"from the folder training ran in")
+    return get_tokenizer(name)
 
 
 # -----------------------------------------------------------------------------
@@ -98,9 +96,31 @@ def token_bytes(tok):
     return out
 
 
+def heldout_batches(data_dir, tokenizer, seq_len, positions, batch_size):
+    """Batches of held-out rows ((B, seq_len + 1) tokens) of a data folder prepared with `tokenizer`: train.py's,
+    data.validation_rows for `positions` scored positions; positions="all": the whole val split, every token
+    after the first scored once (those after the last full row as one shorter row)."""
+    if positions != "all" and positions < seq_len:
+        raise UserError(f"{positions} held-out positions are less than one row of seq_len={seq_len}")
+    try:
+        meta = load_meta(data_dir)
+        rows = validation_rows(data_dir, seq_len, sys.maxsize if positions == "all" else positions // seq_len)
+    except (FileNotFoundError, ValueError) as e:  # data.py's word on a missing, partial or damaged data folder
+        raise UserError(str(e)) from None
+    if meta["tokenizer"] != tokenizer:
+        raise UserError(f"{data_dir} was tokenized with {meta['tokenizer']!r}, the checkpoint with {tokenizer!r}")
+    batches = list(rows.split(batch_size))
+    if positions == "all":
+        shards = [s["file"] for s in meta["shards"] if s["split"] == "val"]
+        val = np.concatenate([read_shard(os.path.join(data_dir, f)) for f in shards])
+        rest = torch.from_numpy(val[rows.shape[0] * seq_len:].astype(np.int64))
+        batches += [rest[None]] if len(rest) > 1 else []
+    return batches
+
+
 @torch.no_grad()
-def heldout_loss(model, loader, steps, seq_len, bytes_per_token=None):
-    """Next-token loss over `steps` batches of a loader (a fresh TokenLoader serves the same rows every time).
+def heldout_loss(model, batches, bytes_per_token=None):
+    """Next-token loss over batches of rows ((B, L + 1) tokens: the first L are read, the last L scored).
 
     Returns loss (mean nats per scored token: every target, end-of-text included), ppl = exp(loss) and tokens;
     given bytes_per_token (token_bytes above), also bytes (the UTF-8 bytes of the scored tokens, end-of-text
@@ -111,8 +131,8 @@ def heldout_loss(model, loader, steps, seq_len, bytes_per_token=None):
     was_training = model.training
     model.eval()
     total, tokens, n_bytes = 0.0, 0, 0
-    for _ in range(steps):
-        rows = loader.next_rows(seq_len).to(device)
+    for rows in batches:
+        rows = rows.to(device)
         x, y = rows[:, :-1], rows[:, 1:]
         logits = model(x).float()
         total += F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum").item()
@@ -127,9 +147,12 @@ def heldout_loss(model, loader, steps, seq_len, bytes_per_token=None):
 
 
 # -----------------------------------------------------------------------------
-# Tasks: a document becomes {"context", "choices", "gold"}, or for WinoGrande {"choices" (contexts),
-# "target", "gold"}. Builders take the original dataset rows (Hugging Face hub field names); the
-# local readers further down turn the offline copies into the same documents.
+# Tasks, 0-shot, as lm-evaluation-harness v0.4 (the paper's) prompts them: a document becomes {"context",
+# "choices", "gold"}, with each builder following the harness task file it names; choice i is then scored as
+# the log-likelihood of " " + choice_i after the context. WinoGrande is the harness's "multiple input" case:
+# {"choices" (contexts: the sentence up to the blank, option filled in), "target" (the rest, shared), "gold"}.
+# Builders take the original dataset rows (Hugging Face hub field names); the local readers further down turn
+# the offline copies into the same documents.
 
 def hellaswag_clean(text):
     """The harness's hellaswag/utils.py preprocess: WikiHow's bracketed markers out, " [title]" -> ". "."""
@@ -231,7 +254,10 @@ def local_query_doc(suffix, strip=""):
 
 
 def local_piqa(path):
-    with open(os.path.join(os.path.dirname(path), "valid-labels.lst")) as f:
+    labels = os.path.join(os.path.dirname(path), "valid-labels.lst")
+    if not os.path.isfile(labels):
+        raise UserError(f"piqa: no {labels} (the labels of {path})")
+    with open(labels) as f:
         labels = f.read().split()
     return [piqa_doc({**r, "label": label}) for r, label in zip(read_jsonl(path), labels, strict=True)]
 
@@ -252,7 +278,7 @@ def local_mmlu(path):
                 docs.append(mmlu_doc({"subject": subject, "question": q, "choices": [a, b, c, d],
                                       "answer": "ABCD".index(answer)}))
     if not docs:
-        raise FileNotFoundError(f"no MMLU test files (*_test.csv) in {path}")
+        raise UserError(f"mmlu: no test files (*_test.csv) in {path}")
     return docs
 
 
@@ -276,16 +302,18 @@ def load_task(name, data_dir=None, limit=None):
     in the harness, which applies --limit to each).
     """
     if name not in HUB:
-        raise ValueError(f"unknown task {name!r}; tasks: {', '.join(TASKS)}")
+        raise UserError(f"unknown task {name!r}; tasks: {', '.join(TASKS)}")
     if data_dir is None:
         import datasets
         path, config, split, build = HUB[name]
         docs = [build(row) for row in datasets.load_dataset(path, config, split=split)]
     else:
+        if not os.path.isdir(data_dir):
+            raise UserError(f"no eval data folder {data_dir} (--data_dir takes the layout of ../shared/data/evals)")
         rel, read = LOCAL[name]
         path = os.path.join(data_dir, rel)
         if not os.path.exists(path):
-            raise FileNotFoundError(f"{name}: no {path} (--data_dir must hold the layout of ../shared/data/evals)")
+            raise UserError(f"{name}: no {path} (--data_dir must hold the layout of ../shared/data/evals)")
         docs = read(path)
     if limit is None:
         return docs
@@ -309,7 +337,11 @@ def doc_requests(doc):
 
 
 def encode_pair(tok, context, continuation):
-    """(context tokens, continuation tokens) exactly as the harness's _encode_pair, with our BOS rule."""
+    """(context tokens, continuation tokens) as the harness's TemplateLM._encode_pair makes them: trailing
+    whitespace of the context moves to the front of the continuation; the continuation's tokens are those of
+    context + continuation after as many as the context has alone. BOS as the harness's Hugging Face backend
+    adds it by default (the tokenizer's own rule, which an export writes): a tokenizer with a BOS token (Llama
+    3's <|begin_of_text|>) starts every context with it, one without (GPT-2, our bytes) adds nothing."""
     n = len(context) - len(context.rstrip())
     if n:
         context, continuation = context[:-n], context[-n:] + continuation
@@ -317,6 +349,23 @@ def encode_pair(tok, context, continuation):
     whole = prefix + tok.encode(context + continuation)
     ctx = prefix + tok.encode(context)
     return ctx, whole[len(ctx):]
+
+
+def task_requests(tok, name, docs, max_len, truncate_long=False):
+    """A task's requests as (context, continuation) token lists, and how many were truncated.
+
+    A continuation longer than the model's window of max_len tokens cannot be scored whole (the harness
+    asserts it is not): such a task is refused, or with truncate_long its continuation's last max_len tokens
+    are scored, the tokens before them read as context.
+    """
+    pairs = [encode_pair(tok, c, x) for doc in docs for c, x in doc_requests(doc)]
+    long = [len(cont) for _, cont in pairs if len(cont) > max_len]
+    if long and not truncate_long:
+        raise UserError(f"{name}: {len(long)} of {len(pairs)} requests have a continuation longer than the "
+                        f"model's window of {max_len} tokens (up to {max(long)}): pass --truncate_long to score "
+                        f"their last {max_len} tokens (counted as 'truncated' in the results)")
+    # cont[:-max_len] is empty and cont[-max_len:] all of cont for a continuation that fits
+    return [(ctx + cont[:-max_len], cont[-max_len:]) for ctx, cont in pairs], len(long)
 
 
 @torch.no_grad()
@@ -346,7 +395,11 @@ def loglikelihoods(model, pairs, max_len, batch_size=16, device="cpu", desc="sco
 
 
 def score(docs, lls):
-    """Per document acc and acc_norm from each choice's log-likelihood (the harness's process_results)."""
+    """Per document acc and acc_norm from each choice's log-likelihood (the harness's process_results): acc = 1
+    if argmax_i ll_i is the gold choice (ties: the first); acc_norm divides ll_i by the length of choice i in
+    characters first (without the delimiter). The harness reports acc only for WinoGrande, BoolQ and MMLU:
+    MMLU's choices are the letters A-D, so acc_norm = acc there, and WinoGrande's acc_norm divides by its
+    contexts' lengths."""
     acc, acc_norm = [], []
     for doc, ll in zip(docs, lls, strict=True):
         ll, chars = np.array(ll), np.array([float(len(c)) for c in doc["choices"]])
@@ -356,6 +409,7 @@ def score(docs, lls):
 
 
 def mean_stderr(xs):
+    # the harness's standard error of a mean: sample standard deviation / sqrt(n)
     return float(np.std(xs, ddof=1) / math.sqrt(len(xs))) if len(xs) > 1 else None
 
 
@@ -373,9 +427,10 @@ def pooled_stderr(xs, groups):
     return math.sqrt(var / sum(sizes))
 
 
-def evaluate_task(model, tok, name, docs, max_len, batch_size=16, device="cpu"):
-    """Score a task's documents -> result rows {task, metric, value, stderr, n}."""
-    pairs = [encode_pair(tok, c, x) for doc in docs for c, x in doc_requests(doc)]
+def evaluate_task(model, name, docs, pairs, truncated, max_len, batch_size=16, device="cpu"):
+    """Score a task's documents from their requests (task_requests) -> result rows {task, metric, value, stderr,
+    n, truncated}: the mean over documents, with the harness's standard error (pooled over subjects for MMLU,
+    which the harness weights by size)."""
     flat = loglikelihoods(model, pairs, max_len, batch_size, device, desc=name)
     lls, i = [], 0
     for doc in docs:
@@ -384,7 +439,8 @@ def evaluate_task(model, tok, name, docs, max_len, batch_size=16, device="cpu"):
     rows = []
     for metric, xs in zip(("acc", "acc_norm"), score(docs, lls)):
         err = pooled_stderr(xs, [d["subject"] for d in docs]) if name == "mmlu" else mean_stderr(xs)
-        rows.append({"task": name, "metric": metric, "value": float(np.mean(xs)), "stderr": err, "n": len(docs)})
+        rows.append({"task": name, "metric": metric, "value": float(np.mean(xs)), "stderr": err, "n": len(docs),
+                     "truncated": truncated})
     return rows
 
 
@@ -415,9 +471,8 @@ def print_table(rows):
 # Export to Hugging Face transformers
 # Our layout is Llama's with other names (rotate-half RoPE, RMSNorm in float32 then the weight, SwiGLU,
 # no biases), so an export is a renaming plus a config. Which class: dense -> LlamaForCausalLM; with QK-norm
-# -> Qwen3ForCausalLM; with layers without RoPE -> SmolLM3ForCausalLM (its no_rope_layers: 1 = RoPE);
-# MoE -> Qwen3MoeForCausalLM (softmax router, top-k renormalised, QK-norm). Experts are written one by
-# one, the layout of Qwen's own MoE checkpoints, which transformers >= 5 fuses on load.
+# -> Qwen3ForCausalLM; MoE -> Qwen3MoeForCausalLM (softmax router, top-k renormalised, QK-norm). Experts are
+# written one by one, the layout of Qwen's own MoE checkpoints, which transformers >= 5 fuses on load.
 
 def hf_config(cfg, tok):
     common = {
@@ -428,23 +483,17 @@ def hf_config(cfg, tok):
         "attention_bias": False, "attention_dropout": 0.0, "torch_dtype": "float32",
         "bos_token_id": tok.bos, "eos_token_id": tok.eot, "pad_token_id": None,
     }
-    if cfg.no_rope_layers and (cfg.qk_norm or cfg.n_experts):
-        raise ValueError("no transformers class has both layers without RoPE and QK-norm / experts")
     if cfg.n_experts:
         if not cfg.qk_norm:
-            raise ValueError("Qwen3MoeForCausalLM always applies QK-norm; this MoE model has qk_norm=False")
+            raise UserError("Qwen3MoeForCausalLM always applies QK-norm; this MoE model has qk_norm=False")
         if cfg.shared_expert_ffn_dim:
-            raise ValueError("Qwen3MoeForCausalLM has no shared expert; this model has one")
+            raise UserError("Qwen3MoeForCausalLM has no shared expert; this model has one")
         return {**common, "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
                 "num_experts": cfg.n_experts, "num_experts_per_tok": cfg.top_k,
                 "moe_intermediate_size": cfg.expert_ffn_dim, "norm_topk_prob": True, "decoder_sparse_step": 1,
                 "mlp_only_layers": [], "use_sliding_window": False}
     if cfg.qk_norm:
         return {**common, "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "use_sliding_window": False}
-    if cfg.no_rope_layers:
-        return {**common, "architectures": ["SmolLM3ForCausalLM"], "model_type": "smollm3", "mlp_bias": False,
-                "use_sliding_window": False,
-                "no_rope_layers": [int(i not in cfg.no_rope_layers) for i in range(cfg.n_layers)]}
     return {**common, "architectures": ["LlamaForCausalLM"], "model_type": "llama", "mlp_bias": False}
 
 
@@ -464,7 +513,7 @@ def hf_state_dict(sd, cfg):
         if cfg.n_experts:
             bias = [v for k, v in sd.items() if k.startswith(ours) and k.endswith("expert_bias")]
             if any(b.abs().max() > 0 for b in bias):
-                raise ValueError(f"layer {i} routes with a nonzero expert_bias, which Qwen3MoE cannot express")
+                raise UserError(f"layer {i} routes with a nonzero expert_bias, which Qwen3MoE cannot express")
             out[hf + "mlp.gate.weight"] = sd[ours + "mlp.router.weight"]
             for j in range(cfg.n_experts):
                 for a, b in mlp:
@@ -475,31 +524,72 @@ def hf_state_dict(sd, cfg):
     return out
 
 
-def save_safetensors(tensors, path):
-    """The safetensors format, written here so that an export needs nothing beyond torch: 8 bytes of header
-    length (little-endian), a JSON header giving each tensor's dtype, shape and byte range, then the bytes."""
-    header, offset = {"__metadata__": {"format": "pt"}}, 0
-    for name, t in tensors.items():
-        header[name] = {"dtype": "F32", "shape": list(t.shape), "data_offsets": [offset, offset + 4 * t.numel()]}
-        offset += 4 * t.numel()
-    raw = json.dumps(header).encode()
-    raw += b" " * (-len(raw) % 8)  # the format pads the header with spaces to a multiple of 8 bytes
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)) + raw)
-        for t in tensors.values():
-            f.write(t.detach().to("cpu", torch.float32).contiguous().numpy().astype("<f4").tobytes())
+def byte_chars():
+    """GPT-2's byte -> character map, which byte-level BPE files use to write bytes as text: printable bytes
+    stand for themselves, the others for the characters from U+0100 on."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {b: chr(b) for b in printable} | {b: chr(256 + i) for i, b in enumerate(others)}
+
+
+def save_tokenizer(tok, out_dir, max_len):
+    """Write our tokenizer as tokenizer.json (a `tokenizers` byte-level BPE that encodes ordinary text to the same
+    ids) and tokenizer_config.json, which AutoTokenizer.from_pretrained(out_dir) loads.
+
+    tiktoken merges, within each piece its regex cuts, the adjacent pair whose joined bytes rank lowest; a BPE
+    merge list in the order of the joined token's rank does the same. Special tokens keep their ids, and BOS
+    (where the tokenizer has one) starts every encoding, as our contexts start.
+    """
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    ranks, chars = tok.enc._mergeable_ranks, byte_chars()  # tiktoken keeps ranks and regex in private fields
+    text = lambda token: "".join(chars[b] for b in token)
+    merges = []
+    for token, rank in ranks.items():
+        splits = [(token[:i], token[i:]) for i in range(1, len(token)) if token[:i] in ranks and token[i:] in ranks]
+        merges += [(rank, ranks[a], ranks[b], text(a), text(b)) for a, b in splits]
+    merges.sort()
+    specials = tok.enc._special_tokens
+    vocab = {text(token): rank for token, rank in ranks.items()} | specials
+    # ignore_merges: a piece that is a token is that token, as tiktoken looks it up before merging
+    out = Tokenizer(models.BPE(vocab, [m[3:] for m in merges], ignore_merges=True))
+    # tiktoken's possessive X{1,3}+ (cl100k_base) is "one or more X{1,3}" to the Oniguruma regexes of tokenizers;
+    # where it ends an alternative, as in tiktoken's patterns, a greedy X{1,3} matches the same
+    pattern = re.sub(r"(\{\d+(?:,\d*)?\})\+", r"\1", tok.enc._pat_str)
+    out.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(pattern), "isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    out.decoder = decoders.ByteLevel()
+    out.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
+    names = {i: s for s, i in specials.items()}
+    if tok.bos is not None:
+        bos = names[tok.bos]
+        out.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                           special_tokens=[(bos, tok.bos)])
+    out.save(os.path.join(out_dir, "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": names.get(tok.bos),
+              "eos_token": names[tok.eot], "add_bos_token": tok.bos is not None, "add_eos_token": False,
+              "clean_up_tokenization_spaces": False, "model_max_length": max_len}
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+        json.dump(config, f, indent=1)
 
 
 def export_hf(ckpt_path, out_dir):
-    """Write config.json and model.safetensors (float32) that AutoModelForCausalLM.from_pretrained loads."""
-    from data import get_tokenizer
+    """Write what AutoModelForCausalLM and AutoTokenizer.from_pretrained(out_dir) load: config.json,
+    model.safetensors (float32), tokenizer.json and tokenizer_config.json. Returns the model class."""
+    if any(importlib.util.find_spec(m) is None for m in ("safetensors", "tokenizers")):
+        raise UserError("export needs the safetensors and tokenizers packages: pip install transformers")
+    from safetensors.torch import save_file
     model, ckpt = load_checkpoint(ckpt_path)
-    config = hf_config(model.cfg, get_tokenizer(ckpt["config"]["tokenizer"]))
-    weights = hf_state_dict(model.state_dict(), model.cfg)
+    tok = checkpoint_tokenizer(ckpt["config"])
+    config = hf_config(model.cfg, tok)
+    # copies: safetensors refuses tensors that share memory, as the experts sliced from one tensor do
+    weights = {k: v.detach().to("cpu", torch.float32).clone() for k, v in hf_state_dict(model.state_dict(),
+                                                                                         model.cfg).items()}
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(config, f, indent=1)
-    save_safetensors(weights, os.path.join(out_dir, "model.safetensors"))
+    save_file(weights, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    save_tokenizer(tok, out_dir, model.cfg.max_seq_len)
     return config["architectures"][0]
 
 
@@ -531,60 +621,105 @@ def sample(model, tok, prompt, max_new_tokens=200, temperature=0.8, top_k=50, se
 # -----------------------------------------------------------------------------
 # Command line
 
+def positive_int(text):
+    if int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
+    return int(text)
+
+
+def non_negative_int(text):
+    if int(text) < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative")
+    return int(text)
+
+
+def non_negative_float(text):
+    if not 0 <= float(text) < math.inf:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number >= 0")
+    return float(text)
+
+
+def loss_tokens(text):
+    return text if text == "all" else positive_int(str(int(float(text))))  # float: so that 1e6 works
+
+
+def torch_device(name):
+    """--device, checked here: a CUDA device the machine lacks would otherwise fail deep inside torch."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name}: not a torch device (cpu, cuda, cuda:1, mps, ...)") from None
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA devices (torch "
+                        f"{torch.__version__}): use --device cpu")
+    return device
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("command", nargs="?", default="eval", choices=["eval", "export", "sample"])
     p.add_argument("--ckpt", required=True, help="a checkpoint written by train.py")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--batch_size", type=int, default=None, help="rows per forward pass (tasks: 16; loss: the run's)")
+    p.add_argument("--batch_size", type=positive_int, default=None,
+                   help="rows per forward pass (tasks: 16; loss: the run's)")
     p.add_argument("--tasks", default="", help=f"comma-separated, or 'all': {','.join(TASKS)}")
-    p.add_argument("--limit", type=int, default=None, help="first N documents per task (per subject for mmlu)")
+    p.add_argument("--limit", type=positive_int, default=None, help="first N documents per task (per subject for mmlu)")
     p.add_argument("--data_dir", default=None, help="offline copies (layout of ../shared/data/evals); default: the hub")
+    p.add_argument("--truncate_long", action="store_true",
+                   help="score a continuation longer than the model's window on its last tokens (else refused)")
     p.add_argument("--loss_data", default=None, help="held-out loss: a folder prepared by data.py (default: the run's)")
-    p.add_argument("--split", default="val")
-    p.add_argument("--loss_batches", type=int, default=None, help="default: the run's eval_iters")
+    p.add_argument("--loss_tokens", type=loss_tokens, default=None,
+                   help="held-out positions to score, or 'all': the whole val split (default: the run's eval_tokens, "
+                        "the rows train.py's val_loss reads)")
     p.add_argument("--out", default=None, help="export: output directory")
     p.add_argument("--prompt", default="")
-    p.add_argument("--max_new_tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top_k", type=int, default=50)
+    p.add_argument("--max_new_tokens", type=non_negative_int, default=200)
+    p.add_argument("--temperature", type=non_negative_float, default=0.8, help="0: greedy")
+    p.add_argument("--top_k", type=non_negative_int, default=50, help="0: no top-k cut")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
 
     if args.command == "export":
         if not args.out:
             p.error("export needs --out DIR")
-        print(f"wrote {export_hf(args.ckpt, args.out)} to {args.out}")
+        print(f"wrote {export_hf(args.ckpt, args.out)} and its tokenizer to {args.out}")
         return
 
-    from data import TokenLoader, get_tokenizer, load_meta
-    model, ckpt = load_checkpoint(args.ckpt, args.device)
+    device = torch_device(args.device)
+    model, ckpt = load_checkpoint(args.ckpt, device)
     config = ckpt["config"]
-    tok = get_tokenizer(config["tokenizer"])
+    tok = checkpoint_tokenizer(config)
     if args.command == "sample":
         text = sample(model, tok, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed)
         print(args.prompt + text)
         return
 
     t0 = time.time()
+    window = model.cfg.max_seq_len
     if args.tasks:
         names = TASKS if args.tasks == "all" else [t.strip() for t in args.tasks.split(",") if t.strip()]
-        tasks = {name: load_task(name, args.data_dir, args.limit) for name in names}  # bad input fails here
+        tasks = {name: load_task(name, args.data_dir, args.limit) for name in names}
+        # every task's requests before any is scored, so that a long continuation is refused at once
+        requests = {name: task_requests(tok, name, docs, window, args.truncate_long) for name, docs in tasks.items()}
         rows = []
         for name, docs in tasks.items():
-            rows += evaluate_task(model, tok, name, docs, model.cfg.max_seq_len, args.batch_size or 16, args.device)
+            rows += evaluate_task(model, name, docs, *requests[name], window, args.batch_size or 16, device)
+            if requests[name][1]:
+                print(f"{name}: {requests[name][1]} continuations longer than the window of {window} tokens were "
+                      f"scored on their last {window} tokens")
         source = os.path.abspath(args.data_dir) if args.data_dir else "hub"
         bos = "a BOS token starts every context" if tok.bos is not None else "no BOS (the tokenizer has none)"
         print(f"{config['tokenizer']} tokenizer: {bos}")
     else:
         data_dir = args.loss_data or config["data_dir"]
-        if load_meta(data_dir)["tokenizer"] != config["tokenizer"]:
-            raise ValueError(f"{data_dir} was tokenized with {load_meta(data_dir)['tokenizer']!r}, the checkpoint "
-                             f"with {config['tokenizer']!r}")
-        # by default the rows train.py's validation loss reads, so the two agree
-        loader = TokenLoader(data_dir, args.split, args.batch_size or config["batch_size"], seed=0)
-        r = heldout_loss(model, loader, args.loss_batches or config["eval_iters"], config["seq_len"], token_bytes(tok))
-        rows = [{"task": f"heldout_{args.split}", "metric": m, "value": r[m], "stderr": None, "n": r["tokens"]}
+        # by default the rows train.py's val_loss reads (eval_tokens; older runs: eval_iters batches), so the two agree
+        run = config.get("eval_tokens") or config["eval_iters"] * config["batch_size"] * config["seq_len"]
+        positions = args.loss_tokens or run
+        batches = heldout_batches(data_dir, config["tokenizer"], config["seq_len"], positions,
+                                  args.batch_size or config["batch_size"])
+        r = heldout_loss(model, batches, token_bytes(tok))
+        task = "heldout_val_all" if positions == "all" else "heldout_val"
+        rows = [{"task": task, "metric": m, "value": r[m], "stderr": None, "n": r["tokens"]}
                 for m in ("loss", "ppl", "bpb")]
         source = os.path.abspath(data_dir)
     print_table(rows)
@@ -597,4 +732,8 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

@@ -8,6 +8,7 @@ import pytest
 import tiktoken
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import eval as E
 from model import ModelConfig, Transformer
@@ -80,8 +81,9 @@ def test_task_scores_sum_continuation_logprobs_after_context():
     # " a" after "b": P(" "|b) P(a|" "); " bb": P(" "|b) P(b|" ") P(b|b)
     assert ll == pytest.approx([LN(0.7) + LN(0.6), LN(0.7) + LN(0.3) + LN(0.1)])
     # acc: ll(" a") = -0.87 > ll(" bb") = -3.87 picks 0; acc_norm: -0.87 / 1 > -3.87 / 2 still picks 0
-    rows = E.evaluate_task(model, tok, "toy", docs, max_len=64)
-    assert [(r["metric"], r["value"], r["n"]) for r in rows] == [("acc", 0.0, 1), ("acc_norm", 0.0, 1)]
+    rows = E.evaluate_task(model, "toy", docs, *E.task_requests(tok, "toy", docs, 64), max_len=64)
+    assert [(r["metric"], r["value"], r["n"], r["truncated"]) for r in rows] == [("acc", 0.0, 1, 0),
+                                                                                ("acc_norm", 0.0, 1, 0)]
 
 
 def test_one_token_continuations_share_one_forward_pass():
@@ -99,6 +101,25 @@ def test_long_inputs_are_cut_from_the_left_like_the_harness():
     # context "aab" + " a" = 5 tokens; max_len 3 keeps the last 4 and feeds the first 3 of them
     ll = E.loglikelihoods(BigramModel(P, max_seq_len=3), [([1, 1, 2], [0, 1])], max_len=3)
     assert ll == pytest.approx([LN(0.7) + LN(0.6)])
+
+
+def test_a_continuation_longer_than_the_window_is_refused_or_truncated_on_request():
+    P = [[0.1, 0.6, 0.3], [0.5, 0.25, 0.25], [0.7, 0.2, 0.1]]
+    model, tok = BigramModel(P, max_seq_len=3), CharTok(" ab")
+    docs = [{"context": "ab", "choices": ["a", "bbb"], "gold": 0},  # " a" is 2 tokens, " bbb" 4
+            {"context": "a", "choices": ["aaaaa", "b"], "gold": 1}]  # " aaaaa" is 6
+    with pytest.raises(E.UserError, match=r"^toy: 2 of 4 requests have a continuation longer than the model's "
+                                          r"window of 3 tokens \(up to 6\): pass --truncate_long"):
+        E.task_requests(tok, "toy", docs, 3)
+    pairs, truncated = E.task_requests(tok, "toy", docs, 3, truncate_long=True)
+    assert truncated == 2
+    # the last 3 tokens of " bbb" are scored after the " " before them; the rest of the context is cut by the window
+    assert pairs[1] == ([1, 2, 0], [2, 2, 2]) and pairs[0] == ([1, 2], [0, 1])
+    ll = E.loglikelihoods(model, pairs, max_len=3)
+    assert ll[1] == pytest.approx(LN(0.3) + 2 * LN(0.1))  # P(b|" ") P(b|b) P(b|b)
+    assert ll[2] == pytest.approx(3 * LN(0.25))  # " aaaaa": its last 3 tokens, each "a" after an "a"
+    rows = E.evaluate_task(model, "toy", docs, pairs, truncated, max_len=3)
+    assert {r["truncated"] for r in rows} == {2}
 
 
 def test_winogrande_scores_the_shared_suffix_after_each_filled_context():
@@ -249,24 +270,16 @@ def test_limit_applies_to_each_mmlu_subject(shared_data):
 # ---------------------------------------------------------------------------
 # Held-out loss
 
-class FixedLoader:
-    def __init__(self, rows):
-        self.rows = rows
-
-    def next_rows(self, T):
-        return self.rows[:, :T + 1]
-
-
 def test_heldout_loss_of_a_uniform_model_is_log_vocab():
     V = 4
     model = BigramModel([[1 / V] * V] * V)
     rows = torch.tensor([[0, 1, 2, 3, 0], [3, 2, 1, 0, 1]])
-    # tokens 0, 1 are one byte, 2 is two bytes, 3 is end-of-text (no text)
-    r = E.heldout_loss(model, FixedLoader(rows), steps=3, seq_len=4, bytes_per_token=torch.tensor([1, 1, 2, 0]))
-    assert r["tokens"] == 3 * 2 * 4
-    assert r["bytes"] == 3 * ((1 + 2 + 0 + 1) + (2 + 1 + 1 + 1))
+    # tokens 0, 1 are one byte, 2 is two bytes, 3 is end-of-text (no text); a last, shorter row counts too
+    r = E.heldout_loss(model, [rows, rows, rows[:1, :3]], bytes_per_token=torch.tensor([1, 1, 2, 0]))
+    assert r["tokens"] == 2 * 2 * 4 + 2
+    assert r["bytes"] == 2 * ((1 + 2 + 0 + 1) + (2 + 1 + 1 + 1)) + (1 + 2)
     assert r["loss"] == pytest.approx(LN(V)) and r["ppl"] == pytest.approx(V)
-    assert r["bpb"] == pytest.approx(24 * math.log2(V) / 27)
+    assert r["bpb"] == pytest.approx(18 * math.log2(V) / 21)
 
 
 def test_token_bytes_add_up_to_the_utf8_length_of_the_text():
@@ -298,15 +311,15 @@ def test_results_json_merges_tasks_of_one_step(tmp_path):
                               {"task": "piqa", "metric": "acc", "value": 0.75, "stderr": 0.1, "n": 10, "step": 7}]
 
 
-def tiny_checkpoint(tmp_path, step=3, **cfg):
+def tiny_checkpoint(tmp_path, step=3, tokenizer="bytes", **cfg):
     cfg = ModelConfig(**{"vocab_size": 257, "dim": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2,
                          "ffn_dim": 64, "max_seq_len": 64, **cfg})
     torch.manual_seed(0)
     model = Transformer(cfg)
     path = tmp_path / "ckpt.pt"
-    torch.save({"model": model.state_dict(), "model_config": cfg.to_dict(), "step": step,
-                "config": {"tokenizer": "bytes", "data_dir": str(tmp_path / "data"), "seq_len": 32, "batch_size": 2,
-                           "eval_iters": 2}}, path)
+    config = {"tokenizer": tokenizer, "data_dir": str(tmp_path / "data"), "seq_len": 32, "batch_size": 2,
+              "eval_tokens": 96}
+    torch.save({"model": model.state_dict(), "model_config": cfg.to_dict(), "step": step, "config": config}, path)
     return path, model
 
 
@@ -325,24 +338,24 @@ def test_an_fsdp_checkpoint_folder_loads_like_a_file(tmp_path):
 
 
 def test_unknown_task_name():
-    with pytest.raises(ValueError, match="unknown task 'hellaswagg'; tasks: hellaswag, arc_easy"):
+    with pytest.raises(E.UserError, match="unknown task 'hellaswagg'; tasks: hellaswag, arc_easy"):
         E.load_task("hellaswagg", "/nowhere")
 
 
 def test_missing_dataset_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match="piqa: no .*piqa/valid.jsonl"):
+    with pytest.raises(E.UserError, match="piqa: no .*piqa/valid.jsonl"):
         E.load_task("piqa", tmp_path)
 
 
 def test_checkpoint_of_the_wrong_kind(tmp_path):
     torch.save({"state_dict": {}}, tmp_path / "other.pt")
-    with pytest.raises(ValueError, match=r"not a checkpoint saved by train.py: expected a dict with keys"):
+    with pytest.raises(E.UserError, match=r"not a checkpoint saved by train.py: expected a dict with keys"):
         E.load_checkpoint(tmp_path / "other.pt")
-    (tmp_path / "notes.txt").write_text("hello")
-    with pytest.raises(ValueError, match="not a checkpoint saved by train.py"):
-        E.load_checkpoint(tmp_path / "notes.txt")
-    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
-        E.load_checkpoint(tmp_path / "missing.pt")
+    path, _ = tiny_checkpoint(tmp_path)
+    ckpt = torch.load(path, weights_only=False)
+    torch.save({**ckpt, "model_config": {**ckpt["model_config"], "no_rope_layers": []}}, path)
+    with pytest.raises(E.UserError, match=r"another version of model.py: its model_config has \['no_rope_layers'\]"):
+        E.load_checkpoint(path)
 
 
 def test_cli_scores_offline_tasks_and_writes_results_into_the_run_folder(tmp_path, monkeypatch, capsys):
@@ -366,32 +379,54 @@ def test_cli_scores_offline_tasks_and_writes_results_into_the_run_folder(tmp_pat
     assert "bytes tokenizer: no BOS" in capsys.readouterr().out
 
 
-def test_cli_heldout_loss_on_the_runs_validation_split(tmp_path, monkeypatch):
+def prepare_val_split(tmp_path):
     import data
     docs = tmp_path / "docs"
     docs.mkdir()
     for i in range(40):
         (docs / f"{i}.txt").write_text(f"Document {i}: the quick brown fox — ça va? " * 5)
     data.prepare(str(docs / "*.txt"), "bytes", tmp_path / "data", val_tokens=3000, num_proc=1)
+    return data.TokenLoader(tmp_path / "data", "val", 1).tokens
+
+
+def test_cli_heldout_loss_reads_the_rows_of_train_pys_val_loss_or_the_whole_split(tmp_path, monkeypatch):
+    import data
+    n_val = prepare_val_split(tmp_path)
     path, model = tiny_checkpoint(tmp_path, step=5)
     monkeypatch.setattr(sys, "argv", ["eval.py", "--ckpt", str(path), "--device", "cpu"])
     E.main()
     got = {r["metric"]: r for r in json.load(open(tmp_path / "eval_step5.json"))["results"]}
-    # the rows train.py's validation reads: a fresh val loader, eval_iters=2 batches of batch_size=2 rows of
-    # seq_len=32 targets
-    direct = E.heldout_loss(model.eval(), data.TokenLoader(tmp_path / "data", "val", 2), 2, 32,
-                            E.token_bytes(data.get_tokenizer("bytes")))
-    assert got["loss"]["n"] == direct["tokens"] == 128
+    # the rows train.py's val_loss reads: eval_tokens=96 positions, 3 rows of seq_len=32 from the split's start
+    rows = data.validation_rows(tmp_path / "data", 32, 3)
+    direct = E.heldout_loss(model.eval(), [rows], E.token_bytes(data.get_tokenizer("bytes")))
+    assert got["loss"]["n"] == direct["tokens"] == 96
     assert got["loss"]["value"] == pytest.approx(direct["loss"]) and got["bpb"]["value"] == pytest.approx(direct["bpb"])
-    # bytes tokenizer: every token but end-of-text is one byte, so bpb = loss / ln 2 * tokens / (tokens - eots)
-    rows = data.TokenLoader(tmp_path / "data", "val", 2)
-    y = torch.cat([rows.next_rows(32)[:, 1:] for _ in range(2)])
-    assert direct["bytes"] == 128 - int((y == 256).sum())
+    # bytes tokenizer: every token but end-of-text is one byte
+    assert direct["bytes"] == 96 - int((rows[:, 1:] == 256).sum())
 
+    # the whole split: every token but the first is scored once, the last partial row included
+    val = torch.from_numpy(data.read_shard(tmp_path / "data" / "val_000000.bin").astype("int64"))
+    assert len(val) == n_val and (n_val - 1) % 32 != 0
+    monkeypatch.setattr(sys, "argv", ["eval.py", "--ckpt", str(path), "--device", "cpu", "--loss_tokens", "all"])
+    E.main()
+    whole = {r["metric"]: r for r in json.load(open(tmp_path / "eval_step5.json"))["results"]
+             if r["task"] == "heldout_val_all"}
+    assert whole["loss"]["n"] == n_val - 1
+    # bpb = summed loss in bits / bytes, and the bytes of val[1:] are its tokens that are not end-of-text
+    summed = whole["loss"]["value"] * (n_val - 1)
+    assert whole["bpb"]["value"] == pytest.approx(summed / LN(2) / int((val[1:] != 256).sum()))
+    # one forward pass per row of at most 33 tokens, summed by hand: the same total
+    by_hand = sum(F.cross_entropy(model(val[i:i + 33][None, :-1])[0], val[i + 1:i + 33], reduction="sum").item()
+                  for i in range(0, n_val - 1, 32))
+    assert summed == pytest.approx(by_hand, rel=1e-5)
+
+
+def test_heldout_loss_refuses_data_of_another_tokenizer(tmp_path):
+    prepare_val_split(tmp_path)
     meta = json.loads((tmp_path / "data" / "meta.json").read_text())
     (tmp_path / "data" / "meta.json").write_text(json.dumps({**meta, "tokenizer": "gpt2"}))
-    with pytest.raises(ValueError, match="tokenized with 'gpt2', the checkpoint with 'bytes'"):
-        E.main()
+    with pytest.raises(E.UserError, match="tokenized with 'gpt2', the checkpoint with 'bytes'"):
+        E.heldout_batches(tmp_path / "data", "bytes", 32, 96, 2)
 
 
 # ---------------------------------------------------------------------------
@@ -414,7 +449,6 @@ EXPORTS = {
     "LlamaForCausalLM": {},
     "LlamaForCausalLM (tied)": {"tie_embeddings": True, "n_kv_heads": 4},
     "Qwen3ForCausalLM": {"qk_norm": True},
-    "SmolLM3ForCausalLM": {"no_rope_layers": [1]},
 }
 
 
@@ -445,13 +479,12 @@ def test_export_moe_logits_equal_ours(tmp_path):
 
 
 @pytest.mark.parametrize("cfg, message", [
-    ({"qk_norm": True, "no_rope_layers": [0]}, "no transformers class has both"),
     ({**MOE, "qk_norm": False}, "always applies QK-norm"),
     ({**MOE, "shared_expert_ffn_dim": 16}, "no shared expert"),
 ])
 def test_export_refuses_what_no_transformers_class_computes(tmp_path, cfg, message):
     path, _ = tiny_checkpoint(tmp_path, **cfg)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(E.UserError, match=message):
         E.export_hf(path, tmp_path / "hf")
 
 
@@ -460,5 +493,5 @@ def test_export_refuses_bias_balanced_routing(tmp_path):
     ckpt = torch.load(path, weights_only=False)
     ckpt["model"]["layers.1.mlp.expert_bias"][2] = 0.01  # as bias balancing leaves it after training
     torch.save(ckpt, path)
-    with pytest.raises(ValueError, match="layer 1 routes with a nonzero expert_bias"):
+    with pytest.raises(E.UserError, match="layer 1 routes with a nonzero expert_bias"):
         E.export_hf(path, tmp_path / "hf")
