@@ -165,21 +165,20 @@ def table(runs, baseline, markdown=False):
 def seed_table(groups, baseline, markdown=False):
     """One row per configuration: final val (and full-split val) as mean ± sample sd over its n seeds, and Δ of the
     means against the baseline's configuration, listed first."""
-    groups = sorted(groups, key=lambda group: baseline not in group)
+    groups = sorted(groups, key=lambda group: all(run is not baseline for run in group))
     full = any(run["full_split_val"] is not None for group in groups for run in group)
     columns = ["configuration", "s", "r", "mode", "n", "steps", "final val"] + ["full-split val"] * full + ["Δ val"]
-    base_mean = mean_sd([run["final_val"] for run in groups[0]])[0]
+    base_mean = statistics.mean(run["final_val"] for run in groups[0])
     rows = []
-    for group in groups:
+    for i, group in enumerate(groups):
         first = group[0]
         mean, sd = mean_sd([run["final_val"] for run in group])
-        full_split = [run["full_split_val"] for run in group if run["full_split_val"] is not None]
+        full_split = [run["full_split_val"] for run in group]
         rows.append([re.sub(r"_seed\d+$", "", first["name"]), first["s"], f"{first['r']:g}",
-                     "baseline" if baseline in group else first["mode"], str(len(group)),
+                     "baseline" if i == 0 else first["mode"], str(len(group)),
                      steps_cell(min(group, key=lambda run: run["steps"])), number(mean, sd)]
-                    + [number(*mean_sd(full_split)) + (f" (n={len(full_split)})" if len(full_split) < len(group)
-                                                       else "") if full_split else "-"] * full
-                    + ["-" if baseline in group else f"{mean - base_mean:+.4f}"])
+                    + ["-" if None in full_split else number(*mean_sd(full_split))] * full  # every seed, or none
+                    + ["-" if i == 0 else f"{mean - base_mean:+.4f}"])
     return render(columns, rows, markdown)
 
 
