@@ -542,15 +542,16 @@ def save_tokenizer(tok, out_dir, max_len):
     """
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
-    ranks, chars = tok.enc._mergeable_ranks, byte_chars()  # tiktoken keeps ranks and regex in private fields
-    text = lambda token: "".join(chars[b] for b in token)
+    ranks = tok.enc._mergeable_ranks  # tiktoken keeps ranks and regex in private fields
+    chars = byte_chars()  # a translation table: latin-1 decodes byte b to chr(b)
+    text = {token: token.decode("latin-1").translate(chars) for token in ranks}
     merges = []
     for token, rank in ranks.items():
-        splits = [(token[:i], token[i:]) for i in range(1, len(token)) if token[:i] in ranks and token[i:] in ranks]
-        merges += [(rank, ranks[a], ranks[b], text(a), text(b)) for a, b in splits]
+        merges += [(rank, ranks[token[:i]], ranks[token[i:]], text[token[:i]], text[token[i:]])
+                   for i in range(1, len(token)) if token[:i] in ranks and token[i:] in ranks]
     merges.sort()
     specials = tok.enc._special_tokens
-    vocab = {text(token): rank for token, rank in ranks.items()} | specials
+    vocab = {text[token]: rank for token, rank in ranks.items()} | specials
     # ignore_merges: a piece that is a token is that token, as tiktoken looks it up before merging
     out = Tokenizer(models.BPE(vocab, [m[3:] for m in merges], ignore_merges=True))
     # tiktoken's possessive X{1,3}+ (cl100k_base) is "one or more X{1,3}" to the Oniguruma regexes of tokenizers;

@@ -1,8 +1,13 @@
 """eval.py: multiple choice scored as lm-evaluation-harness scores it, held-out loss, results, export."""
 
+import functools
 import json
 import math
+import os
+import re
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import tiktoken
@@ -11,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import eval as E
+from data import get_tokenizer
 from model import ModelConfig, Transformer
 
 LN = math.log
@@ -385,7 +391,7 @@ def prepare_val_split(tmp_path):
     docs.mkdir()
     for i in range(40):
         (docs / f"{i}.txt").write_text(f"Document {i}: the quick brown fox — ça va? " * 5)
-    data.prepare(str(docs / "*.txt"), "bytes", tmp_path / "data", val_tokens=3000, num_proc=1)
+    data.prepare(str(docs / "*.txt"), "bytes", tmp_path / "data", val_tokens=1000, num_proc=1)
     return data.TokenLoader(tmp_path / "data", "val", 1).tokens
 
 
@@ -407,7 +413,8 @@ def test_cli_heldout_loss_reads_the_rows_of_train_pys_val_loss_or_the_whole_spli
     # the whole split: every token but the first is scored once, the last partial row included
     val = torch.from_numpy(data.read_shard(tmp_path / "data" / "val_000000.bin").astype("int64"))
     assert len(val) == n_val and (n_val - 1) % 32 != 0
-    monkeypatch.setattr(sys, "argv", ["eval.py", "--ckpt", str(path), "--device", "cpu", "--loss_tokens", "all"])
+    monkeypatch.setattr(sys, "argv", ["eval.py", "--ckpt", str(path), "--device", "cpu", "--loss_tokens", "all",
+                                      "--batch_size", "64"])
     E.main()
     whole = {r["metric"]: r for r in json.load(open(tmp_path / "eval_step5.json"))["results"]
              if r["task"] == "heldout_val_all"}
@@ -415,10 +422,11 @@ def test_cli_heldout_loss_reads_the_rows_of_train_pys_val_loss_or_the_whole_spli
     # bpb = summed loss in bits / bytes, and the bytes of val[1:] are its tokens that are not end-of-text
     summed = whole["loss"]["value"] * (n_val - 1)
     assert whole["bpb"]["value"] == pytest.approx(summed / LN(2) / int((val[1:] != 256).sum()))
-    # one forward pass per row of at most 33 tokens, summed by hand: the same total
-    by_hand = sum(F.cross_entropy(model(val[i:i + 33][None, :-1])[0], val[i + 1:i + 33], reduction="sum").item()
-                  for i in range(0, n_val - 1, 32))
-    assert summed == pytest.approx(by_hand, rel=1e-5)
+    # rows of 33 tokens from every 32nd, the last one shorter, summed by hand: the same total
+    rows = [val[i:i + 33] for i in range(0, n_val - 1, 32)]
+    by_hand = sum(F.cross_entropy(model(r[:, :-1]).flatten(0, 1), r[:, 1:].flatten(), reduction="sum").item()
+                  for r in (torch.stack(rows[:-1]), rows[-1][None]))
+    assert len(rows[-1]) < 33 and summed == pytest.approx(by_hand, rel=1e-5)
 
 
 def test_heldout_loss_refuses_data_of_another_tokenizer(tmp_path):
@@ -427,6 +435,78 @@ def test_heldout_loss_refuses_data_of_another_tokenizer(tmp_path):
     (tmp_path / "data" / "meta.json").write_text(json.dumps({**meta, "tokenizer": "gpt2"}))
     with pytest.raises(E.UserError, match="tokenized with 'gpt2', the checkpoint with 'bytes'"):
         E.heldout_batches(tmp_path / "data", "bytes", 32, 96, 2)
+
+
+def test_cli_refuses_a_continuation_longer_than_the_window_before_scoring_any_task(tmp_path, monkeypatch, capsys):
+    path, _ = tiny_checkpoint(tmp_path, step=42)  # bytes tokenizer, window max_seq_len=64
+    data = tmp_path / "evals"
+    (data / "arc_easy").mkdir(parents=True)
+    (data / "arc_easy" / "arc_easy.jsonl").write_text(
+        json.dumps({"query": "Question: Up or down?", "choices": ["up", "down"], "gold": 0}) + "\n")
+    (data / "winogrande").mkdir()
+    (data / "winogrande" / "winogrande.jsonl").write_text(json.dumps(
+        {"context_options": ["The cat sat so the cat", "The cat sat so the mat"], "continuation": "purred " * 10,
+         "gold": 0}) + "\n")  # " " + "purred " * 10 is 71 bytes
+    scored = []
+    monkeypatch.setattr(E, "loglikelihoods", lambda *args, **kw: scored.append(args[1]) or [0.0] * len(args[1]))
+    argv = ["eval.py", "--ckpt", str(path), "--tasks", "arc_easy,winogrande", "--data_dir", str(data), "--device", "cpu"]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(E.UserError, match="^winogrande: 2 of 2 requests have a continuation longer than the model's "
+                                          "window of 64 tokens \\(up to 71\\)"):
+        E.main()
+    assert scored == [] and not (tmp_path / "eval_step42.json").exists()
+
+    monkeypatch.setattr(sys, "argv", argv + ["--truncate_long"])
+    E.main()
+    assert [len(cont) for _, cont in scored[1]] == [64, 64]
+    out = json.load(open(tmp_path / "eval_step42.json"))
+    assert [(r["task"], r["metric"], r["truncated"]) for r in out["results"]] == [
+        ("arc_easy", "acc", 0), ("arc_easy", "acc_norm", 0), ("winogrande", "acc", 2), ("winogrande", "acc_norm", 2)]
+    assert "winogrande: 2 continuations longer than the window of 64 tokens" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--limit", "0"], "argument --limit: 0 is not a positive integer"),
+    (["--limit", "-3"], "argument --limit: -3 is not a positive integer"),
+    (["--temperature", "-1"], "argument --temperature: -1 is not a finite number >= 0"),
+    (["--temperature", "nan"], "argument --temperature: nan is not a finite number >= 0"),
+    (["--loss_tokens", "0"], "argument --loss_tokens: 0 is not a positive integer"),
+    (["--batch_size", "two"], "argument --batch_size: invalid positive_int value: 'two'"),
+])
+def test_cli_refuses_bad_numbers(argv, message, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["eval.py", "--ckpt", "run/ckpt.pt", *argv])
+    with pytest.raises(SystemExit) as exit:
+        E.main()
+    assert exit.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_user_mistakes_end_in_one_error_line_without_a_traceback(tmp_path):
+    prepare_val_split(tmp_path)
+    path, _ = tiny_checkpoint(tmp_path)
+    (tmp_path / "notes.txt").write_text("hello")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in ("meta.json", "val_000000.bin", "train_000000.bin"):
+        (broken / f).write_bytes((tmp_path / "data" / f).read_bytes())
+    with open(broken / "val_000000.bin", "r+b") as f:
+        f.truncate(1000)
+    cases = {
+        "no checkpoint at .*missing.pt": ["--ckpt", tmp_path / "missing.pt"],
+        "notes.txt is not a checkpoint saved by train.py": ["--ckpt", tmp_path / "notes.txt"],
+        "unknown task 'hellaswagg'": ["--ckpt", path, "--tasks", "hellaswagg", "--data_dir", tmp_path],
+        "no eval data folder .*nowhere": ["--ckpt", path, "--tasks", "piqa", "--data_dir", tmp_path / "nowhere"],
+        "val_000000.bin is truncated or damaged": ["--ckpt", path, "--loss_data", broken],
+        "--device cuda:99: this machine has": ["--ckpt", path, "--device", "cuda:99"],
+    }
+    if not torch.cuda.is_available():
+        cases["--device cuda: this machine has 0 CUDA devices"] = ["--ckpt", path, "--device", "cuda"]
+    runs = {message: subprocess.Popen([sys.executable, "eval.py", *map(str, argv)], cwd=Path(E.__file__).parent,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for message, argv in cases.items()}  # all at once: each pays for importing torch
+    for message, run in runs.items():
+        _, err = run.communicate(timeout=120)
+        assert run.returncode == 1 and "Traceback" not in err, err
+        assert len(err.strip().splitlines()) == 1 and re.match("error: .*" + message, err), err
 
 
 # ---------------------------------------------------------------------------
@@ -495,3 +575,77 @@ def test_export_refuses_bias_balanced_routing(tmp_path):
     torch.save(ckpt, path)
     with pytest.raises(E.UserError, match="layer 1 routes with a nonzero expert_bias"):
         E.export_hf(path, tmp_path / "hf")
+
+
+# ---------------------------------------------------------------------------
+# Export: the tokenizer, and the whole folder scored the harness's way
+
+# every request of the first documents of each task (TST_ALL_EVAL_STRINGS=1: of every document, minutes)
+EVAL_LIMIT = None if os.environ.get("TST_ALL_EVAL_STRINGS") else 5
+# requests the full eval sets showed to need care: a piece that is one token although no merge reaches it
+# (Llama 3's " Arthropoda", from ARC-Easy), a run of digits (cut after 3 by cl100k_base's possessive \p{N}{1,3}+)
+HARD_REQUESTS = [("Question: Which characteristic is shared by all members of Arthropoda and Chordata phyla?\nAnswer:",
+                  " jointed limbs"), ("In 1905, the year 19052 ", "began.")]
+
+
+@functools.cache
+def eval_requests(evals):
+    return [r for task in E.TASKS for doc in E.load_task(task, evals, EVAL_LIMIT) for r in E.doc_requests(doc)]
+
+
+def tokenizer_of(name, shared_data, monkeypatch):
+    if name == "llama3":
+        return get_tokenizer(f"llama3:{shared_data / 'llama3' / 'tokenizer.model'}")
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(shared_data / "tiktoken_cache"))
+    return get_tokenizer(name)
+
+
+def harness_encode_pairs(hf_tok, requests):
+    """lm-evaluation-harness's TemplateLM._encode_pair through its Hugging Face backend, which leaves special
+    tokens to the tokenizer's default: trailing context whitespace moves into the continuation, whose tokens
+    are those of the whole string after the context's."""
+    moved = []
+    for context, continuation in requests:
+        n = len(context) - len(context.rstrip())
+        moved.append((context[:len(context) - n], context[len(context) - n:] + continuation))
+    wholes = hf_tok([c + x for c, x in moved])["input_ids"]
+    contexts = hf_tok([c for c, _ in moved])["input_ids"]
+    return [(ctx, whole[len(ctx):]) for ctx, whole in zip(contexts, wholes, strict=True)]
+
+
+@pytest.mark.parametrize("name", ["bytes", "gpt2", "cl100k_base", "o200k_base", "llama3"])
+def test_exported_tokenizer_encodes_the_eval_sets_as_ours(name, tmp_path, shared_data, monkeypatch):
+    transformers = pytest.importorskip("transformers", reason="transformers is an optional, test-only dependency")
+    tok = tokenizer_of(name, shared_data, monkeypatch)
+    E.save_tokenizer(tok, tmp_path, 2048)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    # every id we use, special tokens included (the unused ids of cl100k_base and o200k_base left out)
+    assert len(hf_tok) == len(tok.enc._mergeable_ranks) + len(tok.enc.special_tokens_set)
+    assert (hf_tok.bos_token_id, hf_tok.eos_token_id) == (tok.bos, tok.eot)
+    requests = eval_requests(shared_data / "evals") + HARD_REQUESTS
+    ours = [E.encode_pair(tok, c, x) for c, x in requests]
+    theirs = harness_encode_pairs(hf_tok, requests)
+    assert [r for r, a, b in zip(requests, ours, theirs) if a != b] == []
+    assert hf_tok.decode(theirs[0][0], skip_special_tokens=True) == requests[0][0].rstrip()
+
+
+def test_exported_folder_scores_eval_requests_as_eval_py_does(tmp_path, shared_data):
+    transformers = pytest.importorskip("transformers", reason="transformers is an optional, test-only dependency")
+    llama3 = f"llama3:{shared_data / 'llama3' / 'tokenizer.model'}"
+    # weights large enough (logits of standard deviation ~3) that a wrong token, position or BOS shows
+    path, model = tiny_checkpoint(tmp_path, tokenizer=llama3, vocab_size=128_256, tie_embeddings=True, init_std=0.5,
+                                  max_seq_len=256)
+    E.export_hf(path, tmp_path / "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    requests = [r for task in E.TASKS for doc in E.load_task(task, shared_data / "evals", limit=1)[:1]
+                for r in E.doc_requests(doc)]
+    tok = get_tokenizer(llama3)
+    ours = E.loglikelihoods(model, [E.encode_pair(tok, c, x) for c, x in requests], max_len=256)
+    theirs = []
+    with torch.no_grad():
+        for ctx, cont in harness_encode_pairs(hf_tok, requests):
+            logits = hf(torch.tensor([(ctx + cont)[-257:][:-1]])).logits[0, -len(cont):]
+            theirs.append(F.log_softmax(logits, -1).gather(-1, torch.tensor(cont)[:, None]).sum().item())
+    assert max(theirs) - min(theirs) > 10
+    assert ours == pytest.approx(theirs, rel=1e-5, abs=1e-4)
