@@ -74,7 +74,7 @@ def checkpoint_tokenizer(config):
     """The tokenizer the run trained with, as its config names it."""
     name = config["tokenizer"]
     if name.startswith("llama3:") and not os.path.isfile(name.removeprefix("llama3:")):
-        raise UserError(f"the checkpoint's tokenizer {name!r} is not there seen from {os.getcwd()}: run eval.py "
+        raise UserError(f"the checkpoint's tokenizer {name!r}: no such file seen from {os.getcwd()}; run eval.py "
                         f"from the folder training ran in")
     return get_tokenizer(name)
 
@@ -362,8 +362,8 @@ def task_requests(tok, name, docs, max_len, truncate_long=False):
     long = [len(cont) for _, cont in pairs if len(cont) > max_len]
     if long and not truncate_long:
         raise UserError(f"{name}: {len(long)} of {len(pairs)} requests have a continuation longer than the "
-                        f"model's window of {max_len} tokens (up to {max(long)}): pass --truncate_long to score "
-                        f"their last {max_len} tokens (counted as 'truncated' in the results)")
+                        f"model's window of {max_len} tokens (the longest: {max(long)}): pass --truncate_long to "
+                        f"score their last {max_len} tokens (counted as 'truncated' in the results)")
     # cont[:-max_len] is empty and cont[-max_len:] all of cont for a continuation that fits
     return [(ctx + cont[:-max_len], cont[-max_len:]) for ctx, cont in pairs], len(long)
 
@@ -534,7 +534,8 @@ def byte_chars():
 
 def save_tokenizer(tok, out_dir, max_len):
     """Write our tokenizer as tokenizer.json (a `tokenizers` byte-level BPE that encodes ordinary text to the same
-    ids) and tokenizer_config.json, which AutoTokenizer.from_pretrained(out_dir) loads.
+    ids) and tokenizer_config.json, which AutoTokenizer.from_pretrained(out_dir) loads. Ordinary text: one that
+    spells a special token ("<|endoftext|>") gets that token there, where we encode its characters.
 
     tiktoken merges, within each piece its regex cuts, the adjacent pair whose joined bytes rank lowest; a BPE
     merge list in the order of the joined token's rank does the same. Special tokens keep their ids, and BOS
@@ -583,9 +584,9 @@ def export_hf(ckpt_path, out_dir):
     model, ckpt = load_checkpoint(ckpt_path)
     tok = checkpoint_tokenizer(ckpt["config"])
     config = hf_config(model.cfg, tok)
+    weights = hf_state_dict(model.state_dict(), model.cfg)
     # copies: safetensors refuses tensors that share memory, as the experts sliced from one tensor do
-    weights = {k: v.detach().to("cpu", torch.float32).clone() for k, v in hf_state_dict(model.state_dict(),
-                                                                                         model.cfg).items()}
+    weights = {k: v.detach().to("cpu", torch.float32).clone() for k, v in weights.items()}
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(config, f, indent=1)

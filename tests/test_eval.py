@@ -115,7 +115,7 @@ def test_a_continuation_longer_than_the_window_is_refused_or_truncated_on_reques
     docs = [{"context": "ab", "choices": ["a", "bbb"], "gold": 0},  # " a" is 2 tokens, " bbb" 4
             {"context": "a", "choices": ["aaaaa", "b"], "gold": 1}]  # " aaaaa" is 6
     with pytest.raises(E.UserError, match=r"^toy: 2 of 4 requests have a continuation longer than the model's "
-                                          r"window of 3 tokens \(up to 6\): pass --truncate_long"):
+                                          r"window of 3 tokens \(the longest: 6\): pass --truncate_long"):
         E.task_requests(tok, "toy", docs, 3)
     pairs, truncated = E.task_requests(tok, "toy", docs, 3, truncate_long=True)
     assert truncated == 2
@@ -449,10 +449,11 @@ def test_cli_refuses_a_continuation_longer_than_the_window_before_scoring_any_ta
          "gold": 0}) + "\n")  # " " + "purred " * 10 is 71 bytes
     scored = []
     monkeypatch.setattr(E, "loglikelihoods", lambda *args, **kw: scored.append(args[1]) or [0.0] * len(args[1]))
-    argv = ["eval.py", "--ckpt", str(path), "--tasks", "arc_easy,winogrande", "--data_dir", str(data), "--device", "cpu"]
+    argv = ["eval.py", "--ckpt", str(path), "--tasks", "arc_easy,winogrande", "--data_dir", str(data),
+            "--device", "cpu"]
     monkeypatch.setattr(sys, "argv", argv)
     with pytest.raises(E.UserError, match="^winogrande: 2 of 2 requests have a continuation longer than the model's "
-                                          "window of 64 tokens \\(up to 71\\)"):
+                                          "window of 64 tokens \\(the longest: 71\\)"):
         E.main()
     assert scored == [] and not (tmp_path / "eval_step42.json").exists()
 
