@@ -497,10 +497,11 @@ def test_user_mistakes_end_in_one_error_line_without_a_traceback(tmp_path):
         "unknown task 'hellaswagg'": ["--ckpt", path, "--tasks", "hellaswagg", "--data_dir", tmp_path],
         "no eval data folder .*nowhere": ["--ckpt", path, "--tasks", "piqa", "--data_dir", tmp_path / "nowhere"],
         "val_000000.bin is truncated or damaged": ["--ckpt", path, "--loss_data", broken],
-        "--device cuda:99: this machine has": ["--ckpt", path, "--device", "cuda:99"],
     }
-    if not torch.cuda.is_available():
-        cases["--device cuda: this machine has 0 CUDA devices"] = ["--ckpt", path, "--device", "cuda"]
+    # a CUDA device the machine lacks: any, where there is no CUDA
+    cuda = "cuda" if not torch.cuda.is_available() else f"cuda:{torch.cuda.device_count()}"
+    cases[f"--device {cuda}: this machine has {torch.cuda.device_count()} CUDA devices"] = ["--ckpt", path,
+                                                                                          f"--device={cuda}"]
     runs = {message: subprocess.Popen([sys.executable, "eval.py", *map(str, argv)], cwd=Path(E.__file__).parent,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             for message, argv in cases.items()}  # all at once: each pays for importing torch
