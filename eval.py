@@ -578,13 +578,13 @@ def save_tokenizer(tok, out_dir, max_len):
 def export_hf(ckpt_path, out_dir):
     """Write what AutoModelForCausalLM and AutoTokenizer.from_pretrained(out_dir) load: config.json,
     model.safetensors (float32), tokenizer.json and tokenizer_config.json. Returns the model class."""
-    if any(importlib.util.find_spec(m) is None for m in ("safetensors", "tokenizers")):
-        raise UserError("export needs the safetensors and tokenizers packages: pip install transformers")
-    from safetensors.torch import save_file
     model, ckpt = load_checkpoint(ckpt_path)
     tok = checkpoint_tokenizer(ckpt["config"])
     config = hf_config(model.cfg, tok)
     weights = hf_state_dict(model.state_dict(), model.cfg)
+    if any(importlib.util.find_spec(m) is None for m in ("safetensors", "tokenizers")):
+        raise UserError("export needs the safetensors and tokenizers packages: pip install transformers")
+    from safetensors.torch import save_file
     # copies: safetensors refuses tensors that share memory, as the experts sliced from one tensor do
     weights = {k: v.detach().to("cpu", torch.float32).clone() for k, v in weights.items()}
     os.makedirs(out_dir, exist_ok=True)

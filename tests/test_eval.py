@@ -570,6 +570,15 @@ def test_export_refuses_what_no_transformers_class_computes(tmp_path, cfg, messa
         E.export_hf(path, tmp_path / "hf")
 
 
+def test_export_without_its_packages_says_what_to_install(tmp_path, monkeypatch):
+    path, _ = tiny_checkpoint(tmp_path)
+    monkeypatch.setitem(sys.modules, "tokenizers", None)  # as if not installed
+    with pytest.raises(E.UserError, match="export needs the safetensors and tokenizers packages: pip install "
+                                          "transformers"):
+        E.export_hf(path, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+
+
 def test_export_refuses_bias_balanced_routing(tmp_path):
     path, model = tiny_checkpoint(tmp_path, **MOE, balance="bias")
     ckpt = torch.load(path, weights_only=False)
