@@ -16,10 +16,10 @@ import importlib.util
 import json
 import math
 import os
-import pickle
 import re
 import sys
 import time
+import zipfile
 from dataclasses import fields
 
 import numpy as np
@@ -46,12 +46,9 @@ def load_checkpoint(path, device="cpu"):
     state = os.path.join(path, "train_state.pt") if sharded else path
     if not os.path.isfile(state):
         raise UserError(f"no checkpoint at {state}: --ckpt takes a file or FSDP folder written by train.py")
-    try:
-        # our own files: they hold the training config and RNG states, not only tensors
-        ckpt = torch.load(state, map_location="cpu", weights_only=False)
-    except (pickle.UnpicklingError, EOFError, RuntimeError) as e:  # not a pickle; an empty or damaged archive
-        raise UserError(f"{state} is not a checkpoint saved by train.py (torch.load: {str(e).splitlines()[0]})"
-                        ) from None
+    if not zipfile.is_zipfile(state):  # what torch.save writes; a truncated file has lost its directory
+        raise UserError(f"{state} is not a checkpoint saved by train.py, or it is truncated")
+    ckpt = torch.load(state, map_location="cpu", weights_only=False)  # ours: it holds the config and RNG states
     keys = CKPT_KEYS[1:] if sharded else CKPT_KEYS
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in keys):
         found = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
@@ -102,11 +99,8 @@ def heldout_batches(data_dir, tokenizer, seq_len, positions, batch_size):
     after the first scored once (those after the last full row as one shorter row)."""
     if positions != "all" and positions < seq_len:
         raise UserError(f"{positions} held-out positions are less than one row of seq_len={seq_len}")
-    try:
-        meta = load_meta(data_dir)
-        rows = validation_rows(data_dir, seq_len, sys.maxsize if positions == "all" else positions // seq_len)
-    except (FileNotFoundError, ValueError) as e:  # data.py's word on a missing, partial or damaged data folder
-        raise UserError(str(e)) from None
+    meta = load_meta(data_dir)
+    rows = validation_rows(data_dir, seq_len, sys.maxsize if positions == "all" else positions // seq_len)
     if meta["tokenizer"] != tokenizer:
         raise UserError(f"{data_dir} was tokenized with {meta['tokenizer']!r}, the checkpoint with {tokenizer!r}")
     batches = list(rows.split(batch_size))

@@ -1,6 +1,7 @@
 """Cost of a TST phase-1 step against a baseline step at equal FLOPs, on random tokens (no data needed).
 
     python bench/step.py config/270m_tst.py                      # on one GPU: bf16, torch.compile, fused AdamW
+    python bench/step.py config/10b_a1b_tst.py --n_layers 6 --batch_size 2   # a 6-layer slice of the MoE
     python bench/step.py config/tiny_tst.py --steps 5            # a CPU smoke run
 
 Both steps process batch_size x seq_len positions through the same model, optimizer and loss code as train.py;
@@ -23,18 +24,16 @@ import tst  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
 
 
-def measure(model, optimizer, c, phase, steps, device, autocast):
-    T, s = c["seq_len"], c["s"]
-    row = tst.data_tokens_per_row(T, s, phase, c["tst_mode"]) + 1
+def measure(model, optimizer, c, stage, steps, device, autocast):
+    T = c["seq_len"]
+    row = stage.data_tokens_per_row(T) + 1
     rows = torch.randint(0, c["vocab_size"], (c["batch_size"], row), device=device)
-    x, y = tst.batch(rows, s, phase, c["tst_mode"])
-    weights = tst.bag_weights(y.size(-1), c["weights"] if y.size(-1) == s else "uniform")
+    x, y, weights = stage.inputs_and_targets(rows)
 
     def step():
         with autocast:
-            logits, aux_loss = model(x, return_aux_loss=True)
-        loss = tst.mce_loss(logits.float(), y, weights) + aux_loss
-        loss.backward()
+            loss, aux_loss = model(x, y, weights)
+        (loss + aux_loss).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -61,11 +60,13 @@ def main():
     parser.add_argument("config")
     parser.add_argument("--batch_size", type=int, default=0, help="rows per step (default: the config's)")
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--n_layers", type=int, default=0, help="a slice of the model: this many layers")
     parser.add_argument("--compile", type=int, default=-1, help="1/0 (default: on with CUDA)")
     parser.add_argument("--peak_flops", type=float, default=989e12, help="per-GPU peak (H100/H200 dense bf16)")
     args = parser.parse_args()
     c = train.parse_config([args.config])
     c["batch_size"] = args.batch_size or c["batch_size"]
+    c["n_layers"] = args.n_layers or c["n_layers"]
     if c["vocab_size"] == 0:
         c["vocab_size"] = 257  # the bytes tokenizer of the tiny configs
     cuda = torch.cuda.is_available()
@@ -82,8 +83,10 @@ def main():
           f"compile={compiled is not model}")
     flops_per_position = cfg.flops_per_position(c["seq_len"])
     results = {}
+    schedule = tst.Schedule(c, c["max_steps"])
     for phase, label in ((2, "baseline (phase 2)"), (1, "TST phase 1")):
-        dt, positions, data_tokens, memory = measure(compiled, optimizer, c, phase, args.steps, device, autocast)
+        stage = schedule.stage(0 if phase == 1 else c["max_steps"] - 1)
+        dt, positions, data_tokens, memory = measure(compiled, optimizer, c, stage, args.steps, device, autocast)
         results[phase] = dt
         mfu = f"MFU {100 * flops_per_position * positions / dt / args.peak_flops:5.1f}%" if cuda else "MFU n/a"
         memory = f"peak memory {memory:6.1f} GiB" if cuda else ""
