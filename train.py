@@ -127,36 +127,36 @@ def parse_config(argv):
 
 def check_config(config, world_size=1):
     """Reject impossible settings before any work, naming the setting, its value and what is allowed."""
-    c = config
-    rows_tokens = c["batch_size"] * c["seq_len"] * world_size
+    value = SimpleNamespace(**config)  # value.lr: shorter than config["lr"]
+    rows_tokens = value.batch_size * value.seq_len * world_size
     checks = [
-        (c["out_dir"].strip() != "", "out_dir is empty: name the folder for checkpoints and logs"),
-        (0 <= c["seed"] < 2**32, f"seed={c['seed']}: must be in [0, 2**32)"),
-        (c["max_steps"] >= 1, f"max_steps={c['max_steps']}: must be >= 1"),
-        (c["seq_len"] >= 1 and c["batch_size"] >= 1, "seq_len and batch_size must be >= 1"),
-        (c["seq_len"] <= c["max_seq_len"], f"seq_len={c['seq_len']} exceeds max_seq_len={c['max_seq_len']}"),
-        (c["lr"] > 0, f"lr={c['lr']}: must be > 0"),
-        (c["grad_clip"] >= 0, f"grad_clip={c['grad_clip']}: must be >= 0 (0 = no clipping)"),
-        (0 <= c["decay_frac"] <= 1, f"decay_frac={c['decay_frac']}: must be in [0, 1]"),
-        (0 <= c["warmup_steps"] <= c["max_steps"] - round(c["decay_frac"] * c["max_steps"]),
-         f"warmup_steps={c['warmup_steps']}: must fit before the decay (max_steps={c['max_steps']}, "
-         f"decay_frac={c['decay_frac']})"),
-        (c["device"] in ("auto", "cpu", "cuda"), f"device={c['device']!r}: use auto, cpu or cuda"),
-        (c["dtype"] in ("auto", "float32", "bfloat16"), f"dtype={c['dtype']!r}: use auto, float32 or bfloat16"),
-        (c["eval_tokens"] >= c["seq_len"], f"eval_tokens={c['eval_tokens']}: an evaluation scores at least one row "
-                                           f"of seq_len={c['seq_len']} positions"),
-        (min(c["eval_interval"], c["log_interval"], c["ckpt_interval"], c["keep_last"]) >= 1,
+        (value.out_dir.strip() != "", "out_dir is empty: name the folder for checkpoints and logs"),
+        (0 <= value.seed < 2**32, f"seed={value.seed}: must be in [0, 2**32)"),
+        (value.max_steps >= 1, f"max_steps={value.max_steps}: must be >= 1"),
+        (value.seq_len >= 1 and value.batch_size >= 1, "seq_len and batch_size must be >= 1"),
+        (value.seq_len <= value.max_seq_len, f"seq_len={value.seq_len} exceeds max_seq_len={value.max_seq_len}"),
+        (value.lr > 0, f"lr={value.lr}: must be > 0"),
+        (value.grad_clip >= 0, f"grad_clip={value.grad_clip}: must be >= 0 (0 = no clipping)"),
+        (0 <= value.decay_frac <= 1, f"decay_frac={value.decay_frac}: must be in [0, 1]"),
+        (0 <= value.warmup_steps <= value.max_steps - round(value.decay_frac * value.max_steps),
+         f"warmup_steps={value.warmup_steps}: must fit before the decay (max_steps={value.max_steps}, "
+         f"decay_frac={value.decay_frac})"),
+        (value.device in ("auto", "cpu", "cuda"), f"device={value.device!r}: use auto, cpu or cuda"),
+        (value.dtype in ("auto", "float32", "bfloat16"), f"dtype={value.dtype!r}: use auto, float32 or bfloat16"),
+        (value.eval_tokens >= value.seq_len,
+         f"eval_tokens={value.eval_tokens}: an evaluation scores at least one row of seq_len={value.seq_len}"),
+        (min(value.eval_interval, value.log_interval, value.ckpt_interval, value.keep_last) >= 1,
          "eval_interval, log_interval, ckpt_interval and keep_last must be >= 1"),
-        (c["global_batch_tokens"] % rows_tokens == 0,
-         f"global_batch_tokens={c['global_batch_tokens']} is not a multiple of batch_size * seq_len * processes "
-         f"= {c['batch_size']} * {c['seq_len']} * {world_size} = {rows_tokens}"),
+        (value.global_batch_tokens % rows_tokens == 0,
+         f"global_batch_tokens={value.global_batch_tokens} is not a multiple of batch_size * seq_len * processes "
+         f"= {value.batch_size} * {value.seq_len} * {world_size} = {rows_tokens}"),
     ]
     for ok, message in checks:
         if not ok:
             raise UserError(message)
     try:  # the model's and the method's own checks, which name the setting
-        ModelConfig(**{k: c[k] for k in MODEL_KEYS if k != "vocab_size"})
-        tst.Schedule(c, c["max_steps"])  # TST
+        ModelConfig(**{k: config[k] for k in MODEL_KEYS if k != "vocab_size"})
+        tst.Schedule(config, value.max_steps)  # TST
     except ValueError as e:
         raise UserError(str(e)) from None
 
@@ -340,7 +340,7 @@ def open_data(run):
         config["vocab_size"] = meta["vocab_size"]
     if config["vocab_size"] < meta["vocab_size"]:
         raise UserError(f"vocab_size={config['vocab_size']} is smaller than the data's vocabulary "
-                        f"({meta['vocab_size']}, tokenizer {meta['tokenizer']}): use 0 or at least {meta['vocab_size']}")
+                        f"({meta['vocab_size']}, tokenizer {meta['tokenizer']}): use 0 (the data's) or more")
     return meta
 
 
@@ -494,7 +494,7 @@ def append_log(log_file, record):
 
 
 def print_record(record, peak):
-    phase = {1: " | phase 1 (MCE)", 2: " | phase 2"}.get(record.get("phase"), "")
+    phase = {1: f" | phase 1 (s={record.get('s')}, MCE)", 2: " | phase 2"}.get(record.get("phase"), "")
     print(f"step {record['step']:6d}{phase} | loss {record['loss']:.4f}"
           + (f" | val {record['val_loss']:.4f}" if "val_loss" in record else "")
           + f" | lr {record['lr']:.2e} | grad {record['grad_norm']:.2f} | {record['tokens_per_sec']:,.0f} pos/s"
