@@ -244,8 +244,9 @@ class Schedule:
         stage = self.stage(step)
         reinit = self.reinit_at_switch and not stage.superposition
         if reinit:
+            replaced = [model.embed.weight] + [model.lm_head.weight] * (model.lm_head.weight is not model.embed.weight)
             with torch.no_grad():
-                for p in {model.embed.weight, model.lm_head.weight}:
+                for p in replaced:  # a list, not a set: the same order (and random numbers) on every rank
                     p.normal_(0.0, model.cfg.init_std)
                     optimizer.state.pop(p, None)
         if announce:
