@@ -455,10 +455,11 @@ def write_results(path, rows, step, meta):
 
 
 def print_table(rows):
-    print(f"{'task':<15}{'metric':<10}{'value':>10}{'stderr':>10}{'n':>10}")
+    width = max(len("task"), *(len(r["task"]) for r in rows)) + 2
+    print(f"{'task':<{width}}{'metric':<10}{'value':>10}{'stderr':>10}{'n':>10}")
     for r in rows:
         err = "" if r["stderr"] is None else f"{r['stderr']:.4f}"
-        print(f"{r['task']:<15}{r['metric']:<10}{r['value']:>10.4f}{err:>10}{r['n']:>10}")
+        print(f"{r['task']:<{width}}{r['metric']:<10}{r['value']:>10.4f}{err:>10}{r['n']:>10}")
 
 
 # -----------------------------------------------------------------------------
