@@ -1,5 +1,7 @@
 """The dense transformer: shapes, counts, causality in both phases, FLOPs, and the loss without logits."""
 
+import shutil
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -242,3 +244,24 @@ def test_head_loss_needs_no_gradient_for_evaluation():
         loss, _ = m(x, y)
         assert not loss.requires_grad
         torch.testing.assert_close(loss, F.cross_entropy(m(x).flatten(0, 1), y.flatten()))
+
+
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
+                    reason="torch.compile's CPU backend needs a C compiler")
+def test_head_loss_compiles_without_a_graph_break_and_matches_eager(monkeypatch):
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    monkeypatch.setattr(model, "HEAD_CHUNK_LOGITS", 7 * 61)  # several chunks, unrolled in the graph
+    m = tiny()
+    compiled = torch.compile(m)
+    rows = torch.randint(0, 61, (2, 4 * 8 + 1))
+    x, targets, w = tst.Stage(0, 1, 4, weights=(0.25,) * 4).inputs_and_targets(rows)
+    loss, _ = compiled(x, targets, w)
+    grads = torch.autograd.grad(loss, list(m.parameters()))
+    eager_loss, _ = m(x, targets, w)
+    eager_grads = torch.autograd.grad(eager_loss, list(m.parameters()))
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    torch.testing.assert_close(loss, eager_loss)
+    for g, e in zip(grads, eager_grads):
+        torch.testing.assert_close(g, e)
