@@ -7,8 +7,8 @@ Pre-training with Token Superposition Training: every stage in one process.
     python train.py config/tiny_tst.py --resume=True            # continue from out_dir/ckpt.pt, exactly
 
 The Schedule in tst.py says what each step does: read bags of s tokens and predict the next bag, or ordinary next-token
-training. The lines marked "# TST" are the method's whole footprint here; deleted (with tst.py and the marked lines
-of model.py) they leave a plain pre-training script.
+training. The lines whose comment starts with TST are the method's whole footprint here; deleted (with tst.py and the
+two such lines of model.py) they leave a plain pre-training script.
 """
 
 import ast
