@@ -398,7 +398,7 @@ def resume(run):
 # Training and evaluation
 
 def train_step(run, step):
-    """One optimizer step over grad_accum micro-batches per process -> the step's log record."""
+    """One optimizer step over grad_accum micro-batches per process -> (its log record, positions, data tokens)."""
     config, T = run.config, run.config["seq_len"]
     row_tokens = T  # data tokens a row consumes (+1, the label of its last position)
     stage = run.schedule.stage(step)  # TST
