@@ -100,9 +100,9 @@ def heldout_batches(data_dir, tokenizer, seq_len, positions, batch_size):
     if positions != "all" and positions < seq_len:
         raise UserError(f"{positions} held-out positions are less than one row of seq_len={seq_len}")
     meta = load_meta(data_dir)
-    rows = validation_rows(data_dir, seq_len, sys.maxsize if positions == "all" else positions // seq_len)
-    if meta["tokenizer"] != tokenizer:
+    if meta["tokenizer"] != tokenizer:  # before reading any rows
         raise UserError(f"{data_dir} was tokenized with {meta['tokenizer']!r}, the checkpoint with {tokenizer!r}")
+    rows = validation_rows(data_dir, seq_len, sys.maxsize if positions == "all" else positions // seq_len)
     batches = list(rows.split(batch_size))
     if positions == "all":
         shards = [s["file"] for s in meta["shards"] if s["split"] == "val"]

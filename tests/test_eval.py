@@ -364,16 +364,22 @@ def test_checkpoint_of_the_wrong_kind(tmp_path):
         E.load_checkpoint(path)
 
 
-def test_cli_scores_offline_tasks_and_writes_results_into_the_run_folder(tmp_path, monkeypatch, capsys):
-    path, _ = tiny_checkpoint(tmp_path, step=42)
+def offline_evals(tmp_path, winogrande_continuation):
+    """A --data_dir with one ARC-Easy question and one WinoGrande sentence, in the offline copies' formats."""
     data = tmp_path / "evals"
     (data / "arc_easy").mkdir(parents=True)
     (data / "arc_easy" / "arc_easy.jsonl").write_text(
         json.dumps({"query": "Question: Up or down?", "choices": ["up", "down"], "gold": 0}) + "\n")
     (data / "winogrande").mkdir()
     (data / "winogrande" / "winogrande.jsonl").write_text(json.dumps(
-        {"context_options": ["The cat sat so the cat", "The cat sat so the mat"], "continuation": "purred.",
-         "gold": 0}) + "\n")
+        {"context_options": ["The cat sat so the cat", "The cat sat so the mat"],
+         "continuation": winogrande_continuation, "gold": 0}) + "\n")
+    return data
+
+
+def test_cli_scores_offline_tasks_and_writes_results_into_the_run_folder(tmp_path, monkeypatch, capsys):
+    path, _ = tiny_checkpoint(tmp_path, step=42)
+    data = offline_evals(tmp_path, "purred.")
     monkeypatch.setattr(sys, "argv", ["eval.py", "--ckpt", str(path), "--tasks", "arc_easy,winogrande",
                                       "--data_dir", str(data), "--device", "cpu"])
     E.main()
@@ -439,14 +445,7 @@ def test_heldout_loss_refuses_data_of_another_tokenizer(tmp_path):
 
 def test_cli_refuses_a_continuation_longer_than_the_window_before_scoring_any_task(tmp_path, monkeypatch, capsys):
     path, _ = tiny_checkpoint(tmp_path, step=42)  # bytes tokenizer, window max_seq_len=64
-    data = tmp_path / "evals"
-    (data / "arc_easy").mkdir(parents=True)
-    (data / "arc_easy" / "arc_easy.jsonl").write_text(
-        json.dumps({"query": "Question: Up or down?", "choices": ["up", "down"], "gold": 0}) + "\n")
-    (data / "winogrande").mkdir()
-    (data / "winogrande" / "winogrande.jsonl").write_text(json.dumps(
-        {"context_options": ["The cat sat so the cat", "The cat sat so the mat"], "continuation": "purred " * 10,
-         "gold": 0}) + "\n")  # " " + "purred " * 10 is 71 bytes
+    data = offline_evals(tmp_path, "purred " * 10)  # " " + "purred " * 10 is 71 bytes
     scored = []
     monkeypatch.setattr(E, "loglikelihoods", lambda *args, **kw: scored.append(args[1]) or [0.0] * len(args[1]))
     argv = ["eval.py", "--ckpt", str(path), "--tasks", "arc_easy,winogrande", "--data_dir", str(data),
