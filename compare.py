@@ -223,7 +223,10 @@ def plot(runs, baseline, out):
     paths = []
 
     def label(run):
-        return f"{run['name']} (baseline)" if run is baseline else f"{run['name']} (s={run['s']}, r={run['r']:g})"
+        if run is baseline:
+            return f"{run['name']} (baseline)"
+        mode = "" if run["mode"] == "full" else f", {run['mode']}"
+        return f"{run['name']} (s={run['s']}, r={run['r']:g}{mode})"
 
     def figure(title, xlabel):
         fig, ax = plt.subplots(figsize=(8, 5))
