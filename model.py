@@ -414,6 +414,29 @@ class Transformer(nn.Module):
         return loss, self.cfg.aux_loss_coef * torch.stack(aux_losses).sum()
 
     @torch.no_grad()
+    def generate(self, ids, max_new_tokens, temperature=1.0, top_k=0, generator=None, stop=None):
+        """Continue the token ids `ids` (a list) by up to max_new_tokens tokens -> the new ids (a list). temperature
+        0 is greedy; top_k > 0 samples among the k most likely; generation ends after the token `stop`. The window
+        (the last max_seq_len tokens) is recomputed at every token: no KV cache, this is for samples, not serving."""
+        device = self.lm_head.weight.device
+        x = torch.tensor([ids], dtype=torch.long, device=device)
+        new = []
+        for _ in range(max_new_tokens):
+            logits = self(x[:, -self.cfg.max_seq_len:])[0, -1].float()
+            if temperature == 0:
+                token = logits.argmax().view(1)
+            else:
+                logits = logits / temperature
+                if top_k:
+                    logits[logits < torch.topk(logits, min(top_k, logits.numel())).values[-1]] = -float("inf")
+                token = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
+            new.append(token.item())
+            if new[-1] == stop:
+                break
+            x = torch.cat([x, token.view(1, 1)], dim=1)
+        return new
+
+    @torch.no_grad()
     def pop_expert_load(self):
         """Positions routed to each expert since the last call, (n_moe_layers, n_experts) float32, summed over
         data-parallel ranks (an all-reduce: every rank must call it), then reset. (0, 0) for a dense model.
