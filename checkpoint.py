@@ -192,9 +192,11 @@ def verify(path):
         bad = _zip_damage(path)
     if bad:
         older = sorted(p for p in path.parent.glob("ckpt_*.pt") if p.name < path.name)[::-1]
-        fallback = (f"fall back to an older checkpoint, e.g. {shlex.join(['ln', '-sfn', older[0].name, str(path.parent / 'ckpt.pt')])} "
-                    f"then --resume=True (older ones: {', '.join(p.name for p in older)})"
-                    if older else "no older checkpoint is left in that folder")
+        fallback = "no older checkpoint is left in that folder"
+        if older:
+            relink = shlex.join(["ln", "-sfn", older[0].name, str(path.parent / "ckpt.pt")])
+            fallback = (f"fall back to an older one ({', '.join(p.name for p in older)}), e.g. {relink}, then "
+                        f"--resume=True, or branch from it with --init_from={older[0]}")
         raise UserError(f"checkpoint {path} is damaged ({bad}): {fallback}")
 
 
@@ -245,7 +247,11 @@ def load_into(path, state, model, optimizer=None):
         dcp.load(shards, checkpoint_id=path)
         set_state_dict(model, optimizer, model_state_dict=shards["model"], optim_state_dict=shards["optimizer"])
         return
-    model.load_state_dict(state["model"])
+    if any(hasattr(p, "device_mesh") for p in model.parameters()):  # whole weights into an FSDP2-sharded model
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+        set_model_state_dict(model, state["model"], options=StateDictOptions(full_state_dict=True))
+    else:
+        model.load_state_dict(state["model"])
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
 

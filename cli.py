@@ -18,10 +18,13 @@ class UserError(Exception):
 
 def run(main, argv=None):
     """main(argv) with the command line's arguments; a UserError becomes one line on stderr (from rank 0 only under
-    torchrun, where every rank raises it) and exit status 1."""
+    torchrun, where every rank raises it) and exit status 1; Ctrl-C exits with 130."""
     try:
         return main(sys.argv[1:] if argv is None else argv)
     except UserError as e:
         if int(os.environ.get("RANK", 0)) == 0:
             print("error:", " ".join(str(e).split("\n")), file=sys.stderr)  # one line, even for a library's message
         sys.exit(1)
+    except KeyboardInterrupt:  # Ctrl-C outside a training loop (which saves first): no traceback
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

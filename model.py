@@ -3,8 +3,9 @@
 Pre-norm RMSNorm, rotary position embeddings (rotate-half convention, as Hugging Face's Llama, so an
 export is a renaming), grouped-query attention through scaled_dot_product_attention, SwiGLU feed-forward,
 no biases, untied input embedding and LM head by default, optional QK-norm (Qwen3). The TST lines are marked:
-a (B, T, s) input of bags is embedded as the mean of each bag (`tst.bag_mean`). With targets, the forward pass
-returns the loss without ever holding the (positions x vocabulary) logits (`head_loss`).
+a (B, T, s) input of bags becomes one vector per bag (`tst.BagCombiner`: the mean of its token embeddings). With
+targets, the forward pass returns the loss without ever holding the (positions x vocabulary) logits: `chunked_loss`
+runs the LM head and the loss function (next-token cross-entropy, or the stage's from tst.py) a chunk at a time.
 
 Initialisation (GPT-2 / nanoGPT): every weight matrix and the embedding ~ N(0, 0.02); the projections that
 write into the residual stream (attention output, MLP down, every expert's down) ~ N(0, 0.02 / sqrt(2 *
@@ -18,6 +19,7 @@ Qwen3's auxiliary loss (balance="aux") or torchtitan's auxiliary-loss-free exper
 Phase 1 of TST routes latent (bag) positions like any other position.
 """
 
+import functools
 import math
 from dataclasses import asdict, dataclass
 
@@ -29,8 +31,7 @@ import torch.nn.functional as F
 import tst  # TST
 
 LLAMA3_VOCAB = 128_256
-IGNORE_INDEX = -100  # F.cross_entropy's default: a target with this value is not scored
-HEAD_CHUNK_LOGITS = 2**27  # head_loss holds at most this many logits at a time (512 MiB in float32)
+HEAD_CHUNK_LOGITS = 2**25  # chunked_loss makes at most this many logits at a time (128 MiB in float32)
 BALANCE = ("aux", "bias", "none")
 EXPERTS_IMPL = ("auto", "loop", "grouped")
 # torch's grouped GEMM: public in recent releases, private (CUDA sm90 only) before. The CPU build of torch 2.13
@@ -40,29 +41,35 @@ GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", Non
 
 @dataclass
 class ModelConfig:
-    vocab_size: int = 257
-    dim: int = 128
-    n_layers: int = 4
-    n_heads: int = 4
+    vocab_size: int = 257  # rows of the embedding and the LM head
+    dim: int = 128  # width of the residual stream
+    n_layers: int = 4  # transformer blocks
+    n_heads: int = 4  # query heads (head_dim = dim / n_heads)
     n_kv_heads: int = 4  # = n_heads: full multi-head attention; fewer: grouped-query attention
-    ffn_dim: int = 512
-    rope_theta: float = 500_000.0  # Llama 3's
-    norm_eps: float = 1e-5
-    max_seq_len: int = 2048
-    tie_embeddings: bool = False
+    ffn_dim: int = 512  # hidden width of the SwiGLU feed-forward
+    rope_theta: float = 500_000.0  # RoPE base (Llama 3's)
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+    max_seq_len: int = 2048  # the longest row the model accepts
+    tie_embeddings: bool = False  # share the input embedding with the LM head
     qk_norm: bool = False  # RMSNorm on each query and key head before RoPE (Qwen3)
-    init_std: float = 0.02
+    init_std: float = 0.02  # N(0, init_std) for matrices; residual projections get init_std / sqrt(2 n_layers)
     # mixture of experts (0 experts: the dense model above, and every field below is unused)
-    n_experts: int = 0
+    n_experts: int = 0  # experts per MoE layer; 0 = dense
     top_k: int = 0  # experts per position
     expert_ffn_dim: int = 0  # hidden width of each expert's SwiGLU (ffn_dim is unused when n_experts > 0)
     shared_expert_ffn_dim: int = 0  # 0: no shared expert; else a dense SwiGLU every position also runs
     balance: str = "aux"  # "aux": Qwen3's load-balancing loss; "bias": aux-loss-free expert bias; "none"
-    aux_loss_coef: float = 0.001
-    bias_update_rate: float = 1e-3
+    aux_loss_coef: float = 0.001  # weight of each layer's load-balancing loss (balance="aux")
+    bias_update_rate: float = 1e-3  # step of the expert bias per optimizer step (balance="bias")
     experts_impl: str = "auto"  # "loop" (the reference), "grouped" (torch's grouped GEMM), "auto": grouped on CUDA
 
     def __post_init__(self):
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
+            if isinstance(getattr(self, name), bool) or getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be an integer >= 1")
+        for name in ("norm_eps", "init_std", "rope_theta"):
+            if not 0 < getattr(self, name) < math.inf:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be a number > 0")
         if self.dim % self.n_heads != 0:
             raise ValueError(f"dim={self.dim} must be a multiple of n_heads={self.n_heads}")
         if self.n_heads % self.n_kv_heads != 0:
@@ -142,6 +149,30 @@ class ModelConfig:
         """
         matmul_params = self.num_params(active=True) - (0 if self.tie_embeddings else self.vocab_size * self.dim)
         return 6 * matmul_params + 12 * self.n_layers * self.n_heads * self.head_dim * seq_len
+
+
+    def activation_bytes(self, positions, dtype_bytes=2):
+        """An estimate of the bytes autograd keeps for the backward pass of one micro-batch of `positions` positions,
+        counted from what this code saves, eager: per position and layer the two RMSNorms' float32 input and output,
+        the matmul inputs (in the compute dtype of dtype_bytes; with bf16 autocast each linear keeps its own cast of
+        its input), attention's q, k, v, output and logsumexp, and the SwiGLU's three hidden activations and their
+        product (for a mixture of experts: the router's probabilities and each of the top_k experts' copies); plus the
+        final norm and the gradient of the hidden states that chunked_loss keeps. torch.compile saves less (it
+        recomputes cheap ops): read this as an upper estimate."""
+        d, c, kv = self.dim, dtype_bytes, self.n_kv_heads * self.head_dim
+        casts = c < 4  # autocast: every linear keeps a cast copy of its input; float32 shares the tensor
+        norm = 2 * 4 * d
+        # wq, wk, wv inputs; rotated q, k and v; attention's output and logsumexp; wo's input (a reshaped copy)
+        attention = norm + 3 * d * c * casts + (d + 2 * kv) * c + d * c + 4 * self.n_heads + d * c
+        if self.n_experts:  # router input and probabilities; per chosen expert: gate and up inputs, hidden, output
+            hidden = self.top_k * (2 * d * c * casts + 4 * self.expert_ffn_dim * c + d * c)
+            mlp = norm + d * c * casts + 2 * 4 * self.n_experts + hidden
+            if self.shared_expert_ffn_dim:
+                mlp += 2 * d * c * casts + 4 * self.shared_expert_ffn_dim * c
+        else:  # gate and up inputs; gate, silu(gate), up and their product
+            mlp = norm + 2 * d * c * casts + 4 * self.ffn_dim * c
+        head = norm + 4 * d  # the final norm; chunked_loss's gradient of the hidden states (float32)
+        return positions * (self.n_layers * (attention + mlp) + head)
 
 
 # The paper's shapes (METHOD.md): SmolLM2 / SmolLM3 shapes run through Llama-3 code with the Llama-3
@@ -366,6 +397,7 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+        self.bag_combiner = tst.BagCombiner(cfg.dim)  # TST: registered last, so its parameters (if any) init last
         self.init_weights()
 
     @torch.no_grad()
@@ -375,6 +407,8 @@ class Transformer(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):
                 p.fill_(1.0)
+            elif name.endswith("bias"):
+                p.zero_()
             elif name.endswith(("attn.wo.weight", "w_down.weight", "experts.w_down")):
                 p.normal_(0.0, std / math.sqrt(2 * self.cfg.n_layers))
             else:  # embedding, attention, MLP, router, experts' gate and up, LM head
@@ -382,23 +416,25 @@ class Transformer(nn.Module):
         for moe in self.moe_layers():
             moe.expert_bias.zero_()
             moe.tokens_per_expert.zero_()
+        getattr(self.bag_combiner, "reset_parameters", lambda: None)()  # TST: a combiner with its own init
 
     def moe_layers(self):
         return [layer.mlp for layer in self.layers if isinstance(layer.mlp, MoE)]
 
-    def forward(self, tokens, targets=None, target_weights=None):
+    def forward(self, tokens, targets=None, loss_fn=None):
         """tokens: (B, T) ids, or (B, T, s) bags of s tokens (TST's superposition stages).
 
-        Without targets -> logits (B, T, vocab_size). With targets -> (loss, aux_loss): loss is head_loss against
-        targets (B, T) of next tokens, or (B, T, k) with target_weights (k,) (TST's multi-hot cross-entropy);
-        aux_loss is aux_loss_coef * the SUM over MoE layers of each layer's load-balancing loss (Megatron's
-        convention: the coefficient is per layer, so each router is pushed as hard at any depth; its floor is
-        aux_loss_coef * n_layers), a zero for a dense model or balance != "aux". Train on their sum.
+        Without targets -> logits (B, T, vocab_size). With targets (B, T), or (B, T, k) for a loss that scores k
+        targets per position -> (loss, aux_loss). loss is loss_fn(logits, targets) computed by chunked_loss (default:
+        next-token cross-entropy, the mean over every target). aux_loss is aux_loss_coef * the SUM over MoE layers of
+        each layer's load-balancing loss (Megatron's convention: the coefficient is per layer, so each router is
+        pushed as hard at any depth; its floor is aux_loss_coef * n_layers), a zero for a dense model or balance !=
+        "aux". Train on their sum.
         """
         if tokens.size(1) > self.cfg.max_seq_len:
             raise ValueError(f"{tokens.size(1)} positions exceed max_seq_len={self.cfg.max_seq_len}")
         h = self.embed(tokens)  # (B, T, dim), or (B, T, s, dim) for bags
-        h = tst.bag_mean(h) if tokens.dim() == 3 else h  # TST: a bag is the mean of its token embeddings
+        h = self.bag_combiner(h) if tokens.dim() == 3 else h  # TST: one vector per bag of token embeddings
         cos, sin = rope_tables(h.size(1), self.cfg.head_dim, self.cfg.rope_theta, h.device)
         aux_losses = []
         for layer in self.layers:
@@ -408,7 +444,9 @@ class Transformer(nn.Module):
         h = self.norm(h)
         if targets is None:
             return self.lm_head(h)
-        loss = head_loss(h.flatten(0, 1), self.lm_head.weight, targets.flatten(0, 1), target_weights)
+        targets = targets.flatten(0, 1)
+        loss_fn = loss_fn or functools.partial(next_token_loss, count=targets.size(0))
+        loss = chunked_loss(h.flatten(0, 1), self.lm_head.weight, targets, loss_fn)
         if not aux_losses:
             return loss, torch.zeros((), device=loss.device)
         return loss, self.cfg.aux_loss_coef * torch.stack(aux_losses).sum()
@@ -472,65 +510,60 @@ class Transformer(nn.Module):
 # The loss, without the logits: at a 128k vocabulary the (positions x vocabulary) logits of one micro-batch take
 # gigabytes, and the plain path (head, float32 copy, log-softmax, their gradients) holds several copies of them.
 
-def head_loss(h, weight, targets, target_weights=None):
-    """Mean cross-entropy of the LM head `weight` (V, dim) on hidden states h (N, dim), chunk by chunk.
+def next_token_loss(logits, targets, count):
+    """Next-token cross-entropy of a chunk of positions, summed and divided by the micro-batch's count of targets."""
+    return F.cross_entropy(logits, targets, reduction="sum") / count
 
-    targets (N,), or (N, k) with target_weights (k,) and IGNORE_INDEX where a target is missing. The value is
-    tst.mce_loss(h @ weight.T, targets, target_weights) (plain cross-entropy for one target per position): the
-    weighted mean over the k columns of each column's mean cross-entropy, columns without targets left out. As one
-    sum over positions n and columns i, with coefficients c[n, i] (w_i / valid entries of column i / sum of w, or 0):
-        loss = sum_n C_n * logsumexp(z_n) - sum_{n,i} c[n, i] * z_n[y_ni],   C_n = sum_i c[n, i],
-    so the gradient with respect to the logits z_n is C_n * softmax(z_n) - sum_i c[n, i] * onehot(y_ni). The logits
-    are made HEAD_CHUNK_LOGITS at a time, and when gradients are needed they are computed in the same pass (as Liger's
-    fused linear cross-entropy does for one target): no logits are kept for the backward. Matmuls run in the
-    autocast dtype when autocast is on; logits and softmax in float32.
+
+def chunked_loss(h, weight, targets, loss_fn):
+    """loss_fn(h @ weight.T, targets) with hidden states h (N, dim), the LM head weight (V, dim), targets (N, ...),
+    computed HEAD_CHUNK_LOGITS logits at a time: loss_fn(logits (n, V) float32, targets (n, ...)) returns the share of
+    a chunk of n positions, and the shares add up (a sum over positions over a count over all N, as next_token_loss
+    and the losses of tst.py are written).
+
+    When gradients are needed, each chunk's loss is differentiated under autograd as soon as it is computed and the
+    gradients of h and of the head are accumulated, so no chunk's logits outlive it (torchtitan's chunked loss does
+    the same; a full-logits path at a 128k vocabulary holds several copies of all of them). Matmuls run in the
+    autocast dtype when autocast is on; the loss sees float32 logits.
     """
-    if targets.dim() == 1:
-        targets = targets[:, None]
-    if target_weights is None:
-        target_weights = torch.ones(targets.size(1))
-    valid = targets != IGNORE_INDEX
-    count = valid.sum(0)
-    w = target_weights.to(h.device, torch.float32) * (count > 0)
-    coef = valid * (w / count.clamp(min=1) / w.sum())
-    safe_targets = targets.masked_fill(~valid, 0)  # any index works where c = 0
     device = h.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
     if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-        return _HeadLoss.apply(h, weight, safe_targets, coef, dtype)
-    return _head_loss_chunks(h, weight, safe_targets, coef, dtype, with_grad=False)[0]
-
-
-def _head_loss_chunks(h, weight, targets, coef, dtype, with_grad):
-    """-> (loss, gradient of h, gradient of weight in float32); the gradients None unless with_grad."""
-    chunk = max(1, HEAD_CHUNK_LOGITS // weight.size(0))
+        return _ChunkedLoss.apply(h, weight, targets, loss_fn, dtype)
     head = weight.to(dtype)
-    coef_sum = coef.sum(1)
-    loss = torch.zeros((), device=h.device)
-    grad_h = torch.empty_like(h) if with_grad else None
-    grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if with_grad else None
-    with torch.autocast(h.device.type, enabled=False):
-        for a in range(0, h.size(0), chunk):
-            rows = slice(a, a + chunk)
-            h_chunk = h[rows].to(dtype)
-            z = (h_chunk @ head.t()).float()
-            lse = torch.logsumexp(z, dim=-1)
-            loss = loss + (coef_sum[rows] * lse).sum() - (coef[rows] * z.gather(1, targets[rows])).sum()
-            if with_grad:
-                z.sub_(lse[:, None]).exp_().mul_(coef_sum[rows, None])  # C_n * softmax(z_n), in place
-                z.scatter_add_(1, targets[rows], -coef[rows])
-                g = z.to(dtype)
-                grad_h[rows] = g @ head
-                grad_weight += g.t() @ h_chunk
-    return loss, grad_h, grad_weight
+    with torch.autocast(device, enabled=False):
+        return sum(loss_fn(_logits(h[rows].to(dtype), head), targets[rows]) for rows in _chunks(h, weight))
 
 
-class _HeadLoss(torch.autograd.Function):
-    """head_loss with its gradients computed in the forward pass; the backward only scales them."""
+def _chunks(h, weight):
+    n = max(1, HEAD_CHUNK_LOGITS // weight.size(0))
+    return [slice(a, a + n) for a in range(0, h.size(0), n)]
+
+
+def _logits(h, head):
+    """Logits in float32 at least (bf16 matmuls give bf16)."""
+    z = h @ head.t()
+    return z.to(torch.promote_types(z.dtype, torch.float32))
+
+
+class _ChunkedLoss(torch.autograd.Function):
+    """chunked_loss with its gradients computed chunk by chunk in the forward pass; the backward only scales them."""
 
     @staticmethod
-    def forward(ctx, h, weight, targets, coef, dtype):
-        loss, grad_h, grad_weight = _head_loss_chunks(h, weight, targets, coef, dtype, with_grad=True)
+    def forward(ctx, h, weight, targets, loss_fn, dtype):
+        head = weight.detach().to(dtype).requires_grad_()
+        grad_h = torch.empty_like(h)
+        grad_weight = torch.zeros(weight.shape, dtype=torch.promote_types(weight.dtype, torch.float32),
+                                  device=weight.device)
+        loss = 0
+        with torch.enable_grad(), torch.autocast(h.device.type, enabled=False):
+            for rows in _chunks(h, weight):
+                h_chunk = h[rows].detach().to(dtype).requires_grad_()
+                chunk_loss = loss_fn(_logits(h_chunk, head), targets[rows])
+                g_h, g_weight = torch.autograd.grad(chunk_loss, (h_chunk, head))
+                grad_h[rows] = g_h
+                grad_weight += g_weight
+                loss = loss + chunk_loss.detach()
         ctx.save_for_backward(grad_h, grad_weight)
         ctx.weight_dtype = weight.dtype
         return loss

@@ -1,27 +1,35 @@
 """Token Superposition Training (Peng, Gigant, Quesnelle, Nous Research 2026): the whole method.
 
 For the first fraction r of the N optimizer steps each row holds s*T+1 consecutive data tokens instead of T+1. The
-input is folded into T bags of s tokens (`fold`), a bag is embedded as the mean of its token embeddings (`bag_mean`),
-so the transformer still sees T positions and a step costs the FLOPs of a baseline step while it reads s times the
-text. Latent position j predicts the whole next bag (`bag_targets`) with a multi-hot cross-entropy (`mce_loss`,
-weighted by `bag_weights`). Then training switches hard to ordinary next-token prediction: same weights, same
-optimizer state, one learning-rate schedule. The paper's ablations are modes of the superposition phase: "input"
-(bags in, the next token out) and "output" (tokens in, each position predicts its next s tokens; no extra data).
+input is folded into T bags of s tokens (`fold`), a bag becomes one input vector (`BagCombiner`: the mean of its token
+embeddings), so the transformer still sees T positions and a step costs the FLOPs of a baseline step while it reads s
+times the text. Latent position j predicts the whole next bag (`bag_targets`) with a multi-hot cross-entropy
+(`mce_loss`, weighted by `bag_weights`; or the paper's alternative, `sum_to_one_loss`). Then training switches hard to
+ordinary next-token prediction: same weights, same optimizer state, one learning-rate schedule. The paper's ablations
+are modes of the superposition phase: "input" (bags in, the next token out) and "output" (tokens in, each position
+predicts its next s tokens; no extra data).
 
 A `Schedule` says what each step does: the paper's single switch (s, r), or several stages of decreasing bag size
 (`s_schedule`). train.py asks it for the step's `Stage` and never branches on TST itself; the lines that call into
 this file are marked "# TST" there and in model.py, and deleting them with this file leaves a plain trainer.
+
+The losses here are what trains: model.py computes the logits a chunk of positions at a time (never all at once, at a
+128k vocabulary they take gigabytes) and calls the stage's loss on each chunk under autograd, so editing the body of
+mce_loss changes training with nothing else to edit. A loss must therefore add up over chunks of positions: each
+takes the micro-batch's normalisers (column_counts, scored_positions) and returns its chunk's share.
 """
 
+import functools
 import math
 from dataclasses import dataclass
 from fractions import Fraction
 
 import torch
-import torch.nn.functional as F
+import torch.nn as nn
 
-IGNORE_INDEX = -100  # F.cross_entropy's default: a target with this value is not scored
+IGNORE_INDEX = -100  # a target with this value is not scored (F.cross_entropy's default)
 MODES = ("full", "input", "output")
+BAG_LOSSES = ("mce", "sum_to_one")
 
 # The TST settings of train.py, with their defaults: the baseline (no superposition).
 DEFAULTS = dict(
@@ -29,7 +37,8 @@ DEFAULTS = dict(
     r=0.0,  # fraction of max_steps spent in superposition
     s_schedule=[],  # several stages instead of (s, r): [(end_fraction, s), ...], e.g. [(0.15, 8), (0.3, 4)]
     tst_mode="full",  # full | input | output (the paper's ablations)
-    bag_weights="uniform",  # uniform | power | power:K | exp | first | [w_1, ..., w_s]
+    bag_loss="mce",  # mce (multi-hot cross-entropy) | sum_to_one (-log of the bag's total probability)
+    bag_weights="uniform",  # MCE's weights: uniform | power | power:K | exp | first | [w_1, ..., w_s]
     reinit_at_switch=False,  # re-initialise input embedding and LM head at the switch (the paper's Table 2 ablation)
 )
 
@@ -45,13 +54,24 @@ def fold(tokens, s):
     return tokens.reshape(B, L // s, s)
 
 
-def bag_mean(vectors):
-    """(B, T, s, dim) embeddings of the bags' tokens -> (B, T, dim), the mean of each bag.
+class BagCombiner(nn.Module):
+    """A bag's token embeddings -> one input vector: (B, T, s, dim) -> (B, T, dim). The paper's, and this one: the
+    mean, summed in float32 (bf16 loses the small differences between bags) and cast back. Nothing positional is
+    added: the paper found that it hurts.
 
-    Summed in float32 (bf16 loses the small differences between bags) and cast back. Nothing else is added: the
-    paper found that positional information inside a bag hurts.
+    The model owns one (Transformer.bag_combiner) and calls it in superposition stages only. A learned combiner (say,
+    attention pooling over the bag) is this class with parameters: model.init_weights initialises them by name
+    (matrices N(0, init_std), norm weights 1, biases 0) or calls reset_parameters() if the class has one; they train
+    in superposition stages, are saved and resumed with the model, and get no gradient after the switch, which
+    train.py tells DDP to expect (FSDP2 and AdamW skip a parameter without a gradient).
     """
-    return (vectors.sum(dim=2, dtype=torch.float32) / vectors.size(2)).to(vectors.dtype)
+
+    def __init__(self, dim):
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, vectors):
+        return (vectors.sum(dim=2, dtype=torch.float32) / vectors.size(2)).to(vectors.dtype)
 
 
 # -----------------------------------------------------------------------------
@@ -90,8 +110,8 @@ def bag_weights(s, kind="uniform"):
     """
     i = torch.arange(1, s + 1, dtype=torch.float64)
     if isinstance(kind, (list, tuple)):
-        if len(kind) != s:
-            raise ValueError(f"bag_weights={list(kind)}: an explicit list needs s={s} numbers, got {len(kind)}")
+        if len(kind) != s or not all(is_number(x) for x in kind):
+            raise ValueError(f"bag_weights={list(kind)}: an explicit list needs s={s} numbers")
         w = torch.tensor([float(x) for x in kind], dtype=torch.float64)
     elif kind == "uniform":
         w = torch.ones(s, dtype=torch.float64)
@@ -113,24 +133,44 @@ def bag_weights(s, kind="uniform"):
     return (w / w.sum()).float()
 
 
-def mce_loss(logits, targets, weights):
-    """Multi-hot cross-entropy, the plain statement: sum_i w_i * CE_i / sum_i w_i.
+def mce_loss(logits, targets, weights, column_counts=None):
+    """Multi-hot cross-entropy, what superposition stages train on: sum_i w_i * CE_i / sum_i w_i.
 
-    logits (..., V); targets (..., s) with IGNORE_INDEX for missing tokens; weights (s,). CE_i is the mean
-    cross-entropy over the valid entries of target column i; a column with no valid entry drops out. Every CE_i shares
-    the log-normaliser, so one log-softmax serves all s targets: the cost of one cross-entropy at any s (the paper's
-    loop of s cross-entropies costs s times that). With s = 1 this is F.cross_entropy. Training computes the same
-    value without ever holding the logits (model.head_loss, tested against this function).
+    logits (..., V), float32; targets (..., s) with IGNORE_INDEX where a bag has no token; weights (s,). CE_i is the
+    mean cross-entropy logsumexp(z) - z[y_i] over the valid entries of target column i; a column without one drops
+    out. Every CE_i shares the log-normaliser, so one logsumexp serves all s targets: the cost of one cross-entropy at
+    any s (the paper's loop of s cross-entropies costs s times that). With s = 1 this is F.cross_entropy.
+    column_counts (s,): the valid entries of each column in the whole micro-batch when `logits` are a chunk of its
+    positions (model.py passes them); the chunk's share is returned, and the shares add up to the loss.
     """
-    s = targets.size(-1)
-    logits = logits.reshape(-1, logits.size(-1))
-    targets = targets.reshape(-1, s)
+    logits, targets = logits.reshape(-1, logits.size(-1)), targets.reshape(-1, targets.size(-1))
     valid = targets != IGNORE_INDEX
-    nll = -F.log_softmax(logits, dim=-1).gather(1, targets.masked_fill(~valid, 0)).float()  # (N, s): lse - z[y_i]
-    count = valid.sum(0)
-    column_ce = (nll * valid).sum(0) / count.clamp(min=1)
-    w = weights.to(column_ce.device) * (count > 0)
-    return (w * column_ce).sum() / w.sum()
+    counts = valid.sum(0) if column_counts is None else column_counts
+    nll = torch.logsumexp(logits, dim=-1, keepdim=True) - logits.gather(1, targets.masked_fill(~valid, 0))  # (N, s)
+    w = weights.to(logits.device) * (counts > 0)
+    return ((nll * valid).sum(0) / counts.clamp(min=1) * w).sum() / w.sum()
+
+
+def sum_to_one_loss(logits, targets, scored_positions=None):
+    """The paper's alternative to MCE (its Appendix C.2): -log sum_{y in bag} P(y), the probability the model gives
+    the next bag as a whole, = logsumexp(z) - logsumexp(z[bag]).
+
+    logits (..., V), float32; targets (..., s) with IGNORE_INDEX for missing tokens. Each distinct valid token of a bag
+    counts once: the sum is then the probability that the next token is one of the bag's, at most 1, so the loss is
+    >= 0 and 0 exactly when all the mass is on the bag. Counted with multiplicity, a bag "a a" would ask for P(a) = 2
+    and reward a model past certainty (repeats are common: spaces, at s = 16 most bags hold one). Weights play no
+    part. The mean over the positions whose bag has a valid token; scored_positions: their number in the whole
+    micro-batch when `logits` are a chunk of it (as column_counts in mce_loss).
+    """
+    logits, targets = logits.reshape(-1, logits.size(-1)), targets.reshape(-1, targets.size(-1))
+    valid = targets != IGNORE_INDEX
+    repeat = (targets[:, :, None] == targets[:, None, :]).tril(-1).any(-1)  # an earlier entry of the bag holds it
+    keep = valid & ~repeat
+    scored = keep.any(1)
+    picked = logits.gather(1, targets.masked_fill(~valid, 0)).masked_fill(~keep, -math.inf)
+    picked = picked.masked_fill(~scored[:, None], 0.0)  # a position with no target: finite, then weighted 0
+    loss = (torch.logsumexp(logits, dim=-1) - torch.logsumexp(picked, dim=-1)) * scored
+    return loss.sum() / (scored.sum() if scored_positions is None else scored_positions).clamp(min=1)
 
 
 # -----------------------------------------------------------------------------
@@ -143,32 +183,50 @@ class Stage:
     end: int
     s: int
     mode: str = "full"
-    weights: tuple = (1.0,)  # bag_weights(s, ...) as numbers
+    weights: tuple = (1.0,)  # MCE's w_1..w_k of the stage's k targets per position, as numbers
+    loss: str = "mce"  # the bag loss: mce or sum_to_one
 
     @property
     def superposition(self):
         return self.s > 1
+
+    @property
+    def name(self):
+        if not self.superposition:
+            return "next-token training"
+        loss = "sum-to-one loss" if self.loss == "sum_to_one" else f"MCE, weights {[round(w, 4) for w in self.weights]}"
+        return f"bags of s={self.s} (mode {self.mode}, {loss})"
 
     def data_tokens_per_row(self, T):
         """Data tokens a row consumes (the stream advances by this; the row holds one more, the last label). The
         transformer processes T positions per row in every stage, so FLOPs per step never change."""
         return self.s * T if self.superposition and self.mode in ("full", "input") else T
 
-    def inputs_and_targets(self, rows):
-        """Rows of data_tokens_per_row(T) + 1 tokens -> (inputs, targets, target_weights) for the model.
+    def batch(self, rows):
+        """Rows of data_tokens_per_row(T) + 1 tokens -> (inputs, targets, loss_fn) for the model.
 
-        inputs (B, T) ids or (B, T, s) bags; targets (B, T) next tokens, or (B, T, k) scored by MCE with
-        target_weights (k,) (None for next-token training).
+        inputs (B, T) ids or (B, T, s) bags; targets (B, T) next tokens, or (B, T, k) bags of targets; loss_fn None
+        (the model's next-token cross-entropy) or the stage's bag loss, as model.py calls it on a chunk of positions:
+        loss_fn(logits (n, V) float32, targets (n, k)) -> the chunk's share of the micro-batch's loss.
         """
         inputs, labels = rows[:, :-1], rows[:, 1:]
         if not self.superposition:
             return inputs, labels, None
-        weights = torch.tensor(self.weights)
         if self.mode == "full":
-            return fold(inputs, self.s), bag_targets(labels, self.s), weights
-        if self.mode == "input":  # the first token of the next bag
-            return fold(inputs, self.s), bag_targets(labels, self.s)[..., :1], torch.ones(1)
-        return inputs, next_tokens(labels, self.s), weights  # "output"
+            inputs, targets = fold(inputs, self.s), bag_targets(labels, self.s)
+        elif self.mode == "input":  # the first token of the next bag
+            inputs, targets = fold(inputs, self.s), bag_targets(labels, self.s)[..., :1]
+        else:  # "output"
+            targets = next_tokens(labels, self.s)
+        valid = (targets != IGNORE_INDEX).flatten(0, -2)
+        if self.loss == "sum_to_one":
+            return inputs, targets, functools.partial(sum_to_one_loss, scored_positions=valid.any(1).sum())
+        weights = torch.tensor(self.weights, device=targets.device)
+        return inputs, targets, functools.partial(mce_loss, weights=weights, column_counts=valid.sum(0))
+
+
+def is_number(x):
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def step_at(fraction, max_steps):
@@ -185,28 +243,36 @@ class Schedule:
     """
 
     def __init__(self, config, max_steps):
-        s, r, pairs, mode = config["s"], config["r"], config["s_schedule"], config["tst_mode"]
+        s, r, pairs, mode, loss = (config[k] for k in ("s", "r", "s_schedule", "tst_mode", "bag_loss"))
         if mode not in MODES:
             raise ValueError(f"tst_mode={mode!r}: use one of {', '.join(MODES)}")
+        if loss not in BAG_LOSSES:
+            raise ValueError(f"bag_loss={loss!r}: use one of {', '.join(BAG_LOSSES)}")
+        if loss == "sum_to_one" and config["bag_weights"] != "uniform":
+            raise ValueError(f"bag_weights={config['bag_weights']!r} with bag_loss='sum_to_one': the sum-to-one loss "
+                             f"has no weights; leave bag_weights='uniform' or use bag_loss='mce'")
         if not isinstance(s, int) or s < 1:
             raise ValueError(f"s={s!r}: the bag size must be an integer >= 1 (1 = baseline)")
         if not 0 <= r < 1:
             raise ValueError(f"r={r}: the superposition fraction must be in [0, 1) (the paper: 0.2-0.4)")
+        for item in pairs:
+            if not (isinstance(item, (list, tuple)) and len(item) == 2 and is_number(item[0])
+                    and isinstance(item[1], int) and not isinstance(item[1], bool)):
+                raise ValueError(f"s_schedule={pairs}: each stage is a pair (end_fraction, s) of a number and an "
+                                 f"integer, e.g. (0.3, 4)")
         if pairs and (s != 1 or r != 0):
             raise ValueError(f"s_schedule={pairs} and s={s}, r={r}: set either s and r, or s_schedule")
         if not pairs:  # the paper's single switch; floor(r * max_steps) = 0 steps of it is the baseline
             pairs = [(r, s)] if s > 1 and step_at(r, max_steps) > 0 else []
         self.stages, start = [], 0
         for item in pairs:
-            if not (isinstance(item, (list, tuple)) and len(item) == 2 and isinstance(item[1], int)):
-                raise ValueError(f"s_schedule={pairs}: each stage is a pair (end_fraction, s), e.g. (0.3, 4)")
             fraction, stage_s = item
             end = step_at(fraction, max_steps)
             if not 0 < fraction < 1 or stage_s < 2 or end <= start:
                 raise ValueError(f"s_schedule={pairs}: stage {tuple(item)} must have 0 < end_fraction < 1, "
                                  f"fractions increasing, s >= 2, and at least one step of the {max_steps}")
-            weights = tuple(bag_weights(stage_s, config["bag_weights"]).tolist())
-            self.stages.append(Stage(start, end, stage_s, mode, weights))
+            weights = (1.0,) if mode == "input" else tuple(bag_weights(stage_s, config["bag_weights"]).tolist())
+            self.stages.append(Stage(start, end, stage_s, mode, weights, loss))
             start = end
         self.stages.append(Stage(start, max_steps, 1))
         self.reinit_at_switch = config["reinit_at_switch"]
@@ -227,14 +293,18 @@ class Schedule:
     def longest_row(self, T):
         return max(stage.data_tokens_per_row(T) for stage in self.stages) + 1
 
+    def label(self, step):
+        """The console's name for the stage of `step`: nothing for a baseline, which has one."""
+        if len(self.stages) == 1:
+            return ""
+        stage = self.stage(step)
+        if not stage.superposition:
+            return "phase 2"
+        return f"phase 1: s={stage.s}, {'sum-to-one' if stage.loss == 'sum_to_one' else 'MCE'}"
+
     def describe(self, T):
-        lines = []
-        for stage in self.stages:
-            what = (f"bags of s={stage.s} (mode {stage.mode}, weights {[round(w, 4) for w in stage.weights]})"
-                    if stage.superposition else "next-token training")
-            lines.append(f"steps {stage.start}-{stage.end - 1}: {what}, rows of {stage.data_tokens_per_row(T) + 1} "
-                         f"tokens")
-        return "\n".join(lines)
+        return "\n".join(f"steps {stage.start}-{stage.end - 1}: {stage.name}, rows of "
+                         f"{stage.data_tokens_per_row(T) + 1} tokens" for stage in self.stages)
 
     def begin_step(self, step, model, optimizer, announce=True):
         """What happens when a step starts a new stage: it is announced, and at the switch to next-token training
@@ -247,8 +317,19 @@ class Schedule:
             replaced = [model.embed.weight] + [model.lm_head.weight] * (model.lm_head.weight is not model.embed.weight)
             with torch.no_grad():
                 for p in replaced:  # a list, not a set: the same order (and random numbers) on every rank
-                    p.normal_(0.0, model.cfg.init_std)
+                    p.copy_(redrawn(p, model.cfg.init_std))
                     optimizer.state.pop(p, None)
         if announce:
             what = f"bags of s={stage.s}" if stage.superposition else "next-token prediction"
             print(f"step {step}: switching to {what}" + (" (embedding and LM head re-initialised)" if reinit else ""))
+
+
+def redrawn(p, std):
+    """A new N(0, std) draw of the whole of parameter p, in its layout: the same values however p is sharded. (A
+    sharded parameter's normal_() would draw every shard from the same random state: under FSDP2 on CPU, rows
+    0-127 of a 256-row embedding would equal rows 128-255.)"""
+    full = torch.empty(p.shape, dtype=p.dtype, device=p.device).normal_(0.0, std)
+    if hasattr(p, "device_mesh"):  # a DTensor: every rank drew the same full tensor; keep this rank's part of it
+        from torch.distributed.tensor import distribute_tensor
+        full = distribute_tensor(full, p.device_mesh, p.placements)
+    return full

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import torch
 import data
 import model
 import train
-from data import UserError
+from cli import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -109,12 +110,27 @@ def test_checkpoints_keep_the_last_k_and_the_switch(data_dir, tmp_path):
     assert (tmp_path / "run" / "ckpt.pt").resolve().name == "ckpt_0000010.pt"
 
 
-def test_a_corrupt_checkpoint_is_refused(data_dir, tmp_path):
+@pytest.mark.parametrize("damage", ["truncated", "64 bytes flipped"])
+def test_a_damaged_checkpoint_is_refused_with_the_older_ones_to_fall_back_to(data_dir, tmp_path, damage):
     run = tmp_path / "run"
     train.main(settings(data_dir, run, max_steps=3))
     target = (run / "ckpt.pt").resolve()
-    target.write_bytes(target.read_bytes()[:1000])  # truncated
-    with pytest.raises(UserError, match="corrupt or truncated"):
+    content = bytearray(target.read_bytes())
+    if damage == "truncated":
+        content = content[:1000]
+    else:  # in the middle of the weights: the zip's directory is intact, torch.load would read it
+        middle = len(content) // 2
+        content[middle:middle + 64] = bytes(255 - b for b in content[middle:middle + 64])
+    target.write_bytes(bytes(content))
+    with pytest.raises(UserError, match=r"ckpt_0000003.pt is damaged .*older one \(ckpt_0000002.pt, ckpt_0000001.pt\)"):
+        train.main(settings(data_dir, run, max_steps=3, resume=True))
+
+
+def test_a_missing_ckpt_link_names_the_newest_checkpoint(data_dir, tmp_path):
+    run = tmp_path / "run"
+    train.main(settings(data_dir, run, max_steps=3))
+    (run / "ckpt.pt").unlink()
+    with pytest.raises(UserError, match=r"ckpt.pt is missing .* point it at the newest, ln -sfn ckpt_0000003.pt"):
         train.main(settings(data_dir, run, max_steps=3, resume=True))
 
 
@@ -125,21 +141,36 @@ def test_a_checkpoint_of_other_settings_is_refused_with_the_differences(data_dir
         train.main(settings(data_dir, run, max_steps=3, resume=True, s=6, lr=0.02))
 
 
-def test_a_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(data_dir, tmp_path, monkeypatch):
+def poison_after(monkeypatch, steps):
+    """The loss turns NaN from training step `steps` on."""
     calls = {"n": 0}
-    real = model.head_loss
+    real = model.chunked_loss
 
     def poisoned(*args):
         loss = real(*args)
         if torch.is_grad_enabled():  # training steps, not evaluations
             calls["n"] += 1
-        return loss * float("nan") if calls["n"] > 5 else loss
+        return loss * float("nan") if calls["n"] > steps else loss
+    monkeypatch.setattr(model, "chunked_loss", poisoned)
 
-    monkeypatch.setattr(model, "head_loss", poisoned)
-    with pytest.raises(FloatingPointError, match="step 5"):
-        train.main(settings(data_dir, tmp_path / "run", eval_interval=100))
-    ckpt = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)
+
+def test_a_nan_loss_stops_the_run_with_the_command_that_branches_from_the_last_good_checkpoint(data_dir, tmp_path,
+                                                                                              monkeypatch):
+    poison_after(monkeypatch, 5)
+    run = tmp_path / "run"
+    with pytest.raises(UserError, match=r"step 5: loss nan.* stopped before the update; the last checkpoint "
+                                        r"\(ckpt_0000005.pt\) .* --init_from=\S*ckpt_0000005.pt --lr=0.0025 "
+                                        r"--out_dir=\S*run_lr"):
+        train.main(settings(data_dir, run, eval_interval=100))
+    ckpt = torch.load(run / "ckpt.pt", weights_only=False)
     assert ckpt["step"] == 5 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_a_nan_loss_before_any_checkpoint_does_not_mention_one(data_dir, tmp_path, monkeypatch):
+    poison_after(monkeypatch, 0)
+    with pytest.raises(UserError, match=r"step 0: .*no checkpoint was written yet: start again with a lower lr: "
+                                        r"python train.py .*--lr=0.0025$"):
+        train.main(settings(data_dir, tmp_path / "run", ckpt_interval=100))
 
 
 @pytest.mark.parametrize("override,message", [
@@ -159,10 +190,51 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(data_dir, tmp_pa
     ("--n_kv_heads=3", "multiple of n_kv_heads"),
     ("--warmup_steps=595", "warmup_steps=595: must fit before the decay"),
     ("--s", "write overrides as --key=value"),
+    # each of these was a traceback (ZeroDivisionError, RuntimeError, AdamW's ValueError) or a NaN at step 0
+    ("--batch_size=0", "batch_size=0: must be >= 1"),
+    ("--seq_len=0", "seq_len=0: must be >= 1"),
+    ("--n_heads=0", "n_heads=0: must be >= 1"),
+    ("--n_kv_heads=0", "n_kv_heads=0: must be >= 1"),
+    ("--ffn_dim=-1", "ffn_dim=-1 must be an integer >= 1"),
+    ("--init_std=-1.0", "init_std=-1.0: must be a number > 0"),
+    ("--beta1=1.5", "beta1=1.5: must be in [0, 1)"),
+    ("--beta2=-0.1", "beta2=-0.1: must be in [0, 1)"),
+    ("--norm_eps=-1.0", "norm_eps=-1.0: must be a number > 0"),
+    ("--lr=1e999", "lr=inf: must be a number > 0"),
+    ("--bag_weights=['a','b','c','d']", "bag_weights=['a', 'b', 'c', 'd']: an explicit list needs s=4 numbers"),
+    ("--s_schedule=[('a', 4)]", "s_schedule=[('a', 4)]: each stage is a pair (end_fraction, s) of a number"),
+    # and these were accepted
+    ("--batch_size=True", "batch_size=True is a bool, but batch_size takes a int"),
+    ("--n_layers=-1", "n_layers=-1: must be >= 1"),
+    ("--dim=0", "dim=0: must be >= 1"),
+    ("--weight_decay=-1.0", "weight_decay=-1.0: must be a number >= 0"),
+    ("--global_batch_tokens=-2048", "global_batch_tokens=-2048: must be >= 0"),
+    ("--compile=1", "compile=1 is a int, but compile takes a bool"),
+    ("--init_weights_only=True", "init_weights_only=True needs init_from"),
+    ("--bag_loss=sum", "bag_loss='sum': use one of mce, sum_to_one"),
 ])
 def test_bad_settings_are_rejected_before_any_work(override, message):
-    with pytest.raises(UserError, match=message.replace("(", r"\(").replace("*", r"\*")):
+    with pytest.raises(UserError, match=re.escape(message)):
         train.parse_config([str(ROOT / "config" / "tiny_tst.py"), override])
+
+
+@pytest.mark.parametrize("where", ["a file", "under a file", "read-only"])
+def test_an_out_dir_that_cannot_be_written_is_refused_before_the_data_and_model(data_dir, tmp_path, where):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file")
+    out_dir = {"a file": blocker, "under a file": blocker / "run", "read-only": tmp_path / "ro" / "run"}[where]
+    if where == "read-only":
+        (tmp_path / "ro" / "run").mkdir(parents=True)
+        os.chmod(tmp_path / "ro" / "run", 0o555)
+        if os.access(tmp_path / "ro" / "run", os.W_OK):  # root ignores permissions
+            pytest.skip("this user can write to read-only folders")
+    built = []
+    real = train.build_model
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(train, "build_model", lambda *a: built.append(1) or real(*a))
+        with pytest.raises(UserError, match=f"out_dir={re.escape(str(out_dir))} (cannot be made a folder|is not writable)"):
+            train.main(settings(data_dir / "missing", out_dir))  # the data folder is checked later: never reached
+    assert not built
 
 
 def test_config_files_and_overrides(tmp_path):
@@ -202,6 +274,10 @@ DISTRIBUTED_SCRIPT = """
 import os, sys, torch, torch.distributed as dist
 sys.path.insert(0, {root!r})
 import train
+if os.environ.get("LEARNED_COMBINER"):  # a fork's bag combiner, with parameters
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import tst, learned_combiner
+    tst.BagCombiner = learned_combiner.AttentionPooling
 destroy, dist.destroy_process_group = dist.destroy_process_group, lambda: None  # gather the weights first
 model = train.main(sys.argv[1:])
 state = {{k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in model.state_dict().items()}}
@@ -214,14 +290,15 @@ os._exit(0)
 """
 
 
-def torchrun(tmp_path, args):
+def torchrun(tmp_path, args, **env):
     """Two processes under torchrun (gloo on CPU); returns each rank's final weights."""
     script = tmp_path / "distributed_run.py"
     script.write_text(DISTRIBUTED_SCRIPT.format(root=str(ROOT)))
+    (tmp_path / "learned_combiner.py").write_text(LEARNED_COMBINER)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
            "--",  # everything after it is the script's: torchrun's parser would take --s and --r for its own options
            *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WEIGHTS_DIR": str(tmp_path)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WEIGHTS_DIR": str(tmp_path), **env}
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return [torch.load(tmp_path / f"rank{i}.pt") for i in (0, 1)]
@@ -264,6 +341,54 @@ def test_fsdp_matches_one_process_and_resumes_exactly_from_sharded_checkpoints(d
     assert [{k: r[k] for k in keys} for r in read_log(resumed_dir)] == \
         [{k: r[k] for k in keys} for r in read_log(tmp_path / "full")]
     assert all(torch.equal(full[k], resumed[k]) for k in full)
+
+
+# A fork's idea with parameters: attention pooling over the bag instead of the mean (tst.BagCombiner's contract)
+LEARNED_COMBINER = """
+import torch
+
+
+class AttentionPooling(torch.nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.score = torch.nn.Linear(dim, 1, bias=True)
+
+    def forward(self, vectors):  # (B, T, s, dim) -> (B, T, dim)
+        weights = self.score(vectors).float().softmax(dim=2)
+        return (weights * vectors.float()).sum(dim=2).to(vectors.dtype)
+"""
+
+
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+def test_a_learned_bag_combiner_trains_in_superposition_only_and_survives_the_switch_under_torchrun(
+        data_dir, tmp_path, sharding):
+    run = tmp_path / "run"
+    args = settings(data_dir, run, max_steps=6, r=0.5, batch_size=2 if sharding == "ddp" else 4,
+                    global_batch_tokens=128 if sharding == "ddp" else 0, fsdp=sharding == "fsdp")
+    rank0, rank1 = torchrun(tmp_path, args, LEARNED_COMBINER="1")
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    keys = ["bag_combiner.score.weight", "bag_combiner.score.bias"]
+    assert set(keys) <= set(rank0)
+
+    def combiner_at(step):
+        path = run / f"ckpt_{step:07d}.pt"
+        if path.is_dir():  # FSDP: shards; read them whole in this process
+            import checkpoint
+            import learned_combiner
+            import tst
+            sys.path.insert(0, str(tmp_path))
+            with pytest.MonkeyPatch.context() as m:
+                m.setattr(tst, "BagCombiner", learned_combiner.AttentionPooling)
+                state = checkpoint.load_model(path)[0].state_dict()
+        else:
+            state = torch.load(path, weights_only=False)["model"]
+        return [state[k] for k in keys]
+    sys.path.insert(0, str(tmp_path))
+    at_1, at_switch, at_end = combiner_at(1), combiner_at(3), combiner_at(6)
+    assert not torch.equal(at_1[0], at_switch[0])  # trained in superposition
+    assert all(torch.equal(a, b) for a, b in zip(at_switch, at_end))  # no gradient after the switch: untouched
+    assert all(torch.equal(a, rank0[k]) for a, k in zip(at_end, keys))
+    assert [r["phase"] for r in read_log(run)] == [1, 1, 1, 2, 2, 2]
 
 
 @pytest.mark.parametrize("mode,per_position", [("input", 4), ("output", 1)])
@@ -451,24 +576,56 @@ def test_every_config_resolves_to_the_data_and_tokenizer_it_promises():
         assert (config["vocab_size"] == model.LLAMA3_VOCAB) == llama, name
 
 
-# Removing TST from a fork: delete tst.py and the lines marked "# TST". What is left must train exactly the baseline.
-def test_deleting_the_marked_lines_leaves_exactly_the_baseline_trainer(data_dir, tmp_path):
+# Forks: what a researcher edits is what trains, and removing TST leaves the baseline
+
+def copy_project(tmp_path, edit=lambda name, text: text):
     fork = tmp_path / "fork"
     fork.mkdir()
+    for path in ROOT.glob("*.py"):
+        text = edit(path.name, path.read_text())
+        if text is not None:
+            (fork / path.name).write_text(text)
+    return fork
+
+
+def run_copy(fork, args):
+    result = subprocess.run([sys.executable, str(fork / "train.py"), *args], capture_output=True, text=True,
+                            cwd=fork, env={**os.environ, "PYTHONPATH": str(fork), "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_a_fork_that_doubles_mce_loss_trains_on_twice_the_loss(data_dir, tmp_path):
+    def double(name, text):
+        if name != "tst.py":
+            return text
+        text = text.replace("def mce_loss(", "def stock_mce_loss(")
+        return text + "\n\ndef mce_loss(*args, **kwargs):\n    return 2 * stock_mce_loss(*args, **kwargs)\n"
+    fork = copy_project(tmp_path, double)
+    run_copy(fork, settings(data_dir, tmp_path / "fork_run", max_steps=2, r=0.5))
+    train.main(settings(data_dir, tmp_path / "stock", max_steps=2, r=0.5))
+    fork_log, stock_log = read_log(tmp_path / "fork_run"), read_log(tmp_path / "stock")
+    assert fork_log[0]["phase"] == 1 and fork_log[0]["loss"] == 2 * stock_log[0]["loss"]  # exactly
+
+
+# Removing TST from a fork: delete tst.py and the lines marked "# TST". What is left must train exactly the baseline.
+def test_deleting_the_marked_lines_leaves_exactly_the_baseline_trainer(data_dir, tmp_path):
     marked = {}
-    for name in ("train.py", "model.py", "data.py"):
-        lines = (ROOT / name).read_text().splitlines(keepends=True)
+
+    def delete_tst(name, text):
+        if name == "tst.py":
+            return None
+        lines = text.splitlines(keepends=True)
         kept = [line for line in lines if "# TST" not in line]
         marked[name] = len(lines) - len(kept)
-        (fork / name).write_text("".join(kept))
-    assert marked == {"train.py": marked["train.py"], "model.py": 2, "data.py": 0} and marked["train.py"] <= 13
-    for name in ("train.py", "model.py"):
-        assert "import tst" not in (fork / name).read_text(), name
+        return "".join(kept)
+    fork = copy_project(tmp_path, delete_tst)
+    assert {k: v for k, v in marked.items() if v} == {"train.py": marked["train.py"], "model.py": 4}
+    assert marked["train.py"] <= 19
+    for path in fork.glob("*.py"):
+        assert "import tst" not in path.read_text(), path.name
     args = settings(data_dir, tmp_path / "fork_run", s=1, r=0.0, max_steps=4)
     args = [a for a in args if not a.startswith(("--s=", "--r="))]  # the fork has no such settings
-    result = subprocess.run([sys.executable, str(fork / "train.py"), *args], capture_output=True, text=True,
-                            cwd=fork, env={**os.environ, "PYTHONPATH": str(fork)})
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_copy(fork, args)
     train.main(settings(data_dir, tmp_path / "baseline", s=1, r=0.0, max_steps=4))
     keys = ("step", "loss", "grad_norm", "positions", "data_tokens", "val_loss")
     assert [{k: r.get(k) for k in keys} for r in read_log(tmp_path / "fork_run")] == \

@@ -1,6 +1,8 @@
 """The method, stated as properties of tst.py (METHOD.md, phase 1 steps 1-6)."""
 
+import functools
 import math
+import re
 
 import pytest
 import torch
@@ -62,18 +64,23 @@ def test_bag_targets_with_s_1_is_the_identity():
     assert torch.equal(tst.bag_targets(labels, 1).squeeze(-1), labels)
 
 
-def test_bag_mean_is_the_mean_of_the_bag():
+def combine(vectors):
+    return tst.BagCombiner(vectors.size(-1))(vectors)
+
+
+def test_the_bag_combiner_is_the_mean_of_the_bag():
     emb = torch.nn.Embedding(10, 3)
     bags = torch.tensor([[[1, 2], [3, 3]]])
     expected = torch.stack([(emb.weight[1] + emb.weight[2]) / 2, emb.weight[3]])
-    torch.testing.assert_close(tst.bag_mean(emb(bags))[0], expected)
+    torch.testing.assert_close(combine(emb(bags))[0], expected)
+    assert list(tst.BagCombiner(3).parameters()) == []  # the paper's combiner learns nothing
 
 
-def test_bag_mean_accumulates_bf16_in_float32():
+def test_the_bag_mean_accumulates_bf16_in_float32():
     torch.manual_seed(0)
     emb = torch.nn.Embedding(50, 64).to(torch.bfloat16)
     bags = torch.randint(0, 50, (2, 5, 16))
-    out = tst.bag_mean(emb(bags))
+    out = combine(emb(bags))
     assert out.dtype == torch.bfloat16
     exact = emb.weight.double()[bags].mean(dim=2)
     vectors = emb(bags)
@@ -86,10 +93,10 @@ def test_bag_mean_accumulates_bf16_in_float32():
     assert (naive.double() - exact).abs().max() > (out.double() - exact).abs().max()
 
 
-def test_bag_mean_gradient_counts_repeated_tokens():
+def test_the_bag_mean_gradient_counts_repeated_tokens():
     emb = torch.nn.Embedding(10, 4)
     bags = torch.tensor([[[7, 7, 2, 5]]])  # token 7 twice in one bag of 4
-    tst.bag_mean(emb(bags)).sum().backward()
+    combine(emb(bags)).sum().backward()
     grad = emb.weight.grad
     torch.testing.assert_close(grad[7], torch.full((4,), 2 / 4))
     torch.testing.assert_close(grad[2], torch.full((4,), 1 / 4))
@@ -122,7 +129,7 @@ def test_mce_equals_the_papers_loop_of_cross_entropies(s, kind):
     torch.manual_seed(s)
     T, V = 6, 37
     rows = torch.randint(0, V, (3, s * T + 1))
-    _, targets, _ = stage(s).inputs_and_targets(rows)
+    _, targets, _ = stage(s).batch(rows)
     targets = targets.view(3, T, -1)  # next-token targets (s = 1) have no bag axis
     logits = torch.randn(3, T, V, requires_grad=True)
     weights = tst.bag_weights(s, kind)
@@ -161,27 +168,42 @@ def test_mce_drops_a_column_with_no_valid_entry():
     torch.testing.assert_close(tst.mce_loss(logits, targets, tst.bag_weights(2)), expected)
 
 
-def stage(s, mode="full", kind="uniform"):
-    return tst.Stage(0, 10, s, mode, tuple(tst.bag_weights(s, kind).tolist()))
+def stage(s, mode="full", kind="uniform", loss="mce"):
+    weights = (1.0,) if mode == "input" else tuple(tst.bag_weights(s, kind).tolist())
+    return tst.Stage(0, 10, s, mode, weights, loss)
 
 
 def test_mode_targets():
     s, T = 3, 4
     rows = torch.arange(s * T + 1).view(1, -1)  # data tokens 0..12
-    x, y, w = stage(s).inputs_and_targets(rows)
+    x, y, loss_fn = stage(s).batch(rows)
     assert x.tolist() == [[[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11]]]
     assert y[0, :, 0].tolist() == [3, 6, 9, 12] and y[0, 0].tolist() == [3, 4, 5]
-    torch.testing.assert_close(w, torch.full((3,), 1 / 3))
-    x, y, w = stage(s, "input").inputs_and_targets(rows)
+    assert loss_fn.func is tst.mce_loss
+    torch.testing.assert_close(loss_fn.keywords["weights"], torch.full((3,), 1 / 3))
+    assert loss_fn.keywords["column_counts"].tolist() == [4, 3, 3]  # the last bag has one target
+    x, y, loss_fn = stage(s, "input").batch(rows)
     assert x.shape == (1, T, s) and y.tolist() == [[[3], [6], [9], [12]]]  # the first token of the next bag
-    assert w.tolist() == [1.0]
+    assert loss_fn.keywords["weights"].tolist() == [1.0]
     rows = torch.arange(T + 1).view(1, -1)  # output-only reads no extra data: T + 1 tokens
-    x, y, _ = stage(s, "output").inputs_and_targets(rows)
+    x, y, _ = stage(s, "output").batch(rows)
     assert x.tolist() == [[0, 1, 2, 3]]
     I = IGNORE_INDEX
     assert y.tolist() == [[[1, 2, 3], [2, 3, 4], [3, 4, I], [4, I, I]]]
-    x, y, w = stage(1).inputs_and_targets(rows)
-    assert x.tolist() == [[0, 1, 2, 3]] and y.tolist() == [[1, 2, 3, 4]] and w is None
+    x, y, loss_fn = stage(1).batch(rows)
+    assert x.tolist() == [[0, 1, 2, 3]] and y.tolist() == [[1, 2, 3, 4]] and loss_fn is None
+    _, _, loss_fn = stage(s, loss="sum_to_one").batch(torch.arange(s * T + 1).view(1, -1))
+    assert loss_fn.func is tst.sum_to_one_loss and loss_fn.keywords["scored_positions"].item() == 4
+
+
+def test_the_stage_calls_mce_loss_by_name_so_that_a_fork_that_edits_it_trains_the_edit(monkeypatch):
+    rows = torch.randint(0, 20, (2, 3 * 4 + 1))
+    _, targets, stock = stage(3).batch(rows)
+    logits = torch.randn(2 * 4, 20)
+    real = tst.mce_loss
+    monkeypatch.setattr(tst, "mce_loss", lambda *a, **k: 2 * real(*a, **k))
+    _, _, edited = stage(3).batch(rows)
+    assert edited(logits, targets.flatten(0, 1)) == 2 * stock(logits, targets.flatten(0, 1))
 
 
 def test_data_tokens_per_row_by_mode():
@@ -234,16 +256,93 @@ def test_a_schedule_of_several_stages():
     (dict(s=0), "s=0"),
     (dict(tst_mode="both"), "tst_mode='both'"),
     (dict(s=3, r=0.3, bag_weights=[1, 2]), "needs s=3 numbers"),
+    (dict(s=4, r=0.3, bag_weights=["a", "b", "c", "d"]), "bag_weights=\\['a', 'b', 'c', 'd'\\]: an explicit list"),
+    (dict(s_schedule=[("a", 4)]), "s_schedule=\\[\\('a', 4\\)\\]: each stage is a pair"),
+    (dict(s_schedule=[(0.3, True)]), "each stage is a pair"),
+    (dict(s=4, r=0.3, bag_loss="bce"), "bag_loss='bce': use one of mce, sum_to_one"),
+    (dict(s=4, r=0.3, bag_loss="sum_to_one", bag_weights="power"), "the sum-to-one loss has no weights"),
 ])
 def test_impossible_schedules_are_refused_by_name(kw, message):
-    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("*", r"\*")):
+    with pytest.raises(ValueError, match=message if "\\" in message else re.escape(message)):
         tst.Schedule(settings(**kw), 100)
 
 
 def test_s_1_is_exactly_next_token_training():
     rows = torch.randint(0, 50, (2, 9))
-    x1, y1, w1 = stage(1).inputs_and_targets(rows)
-    assert torch.equal(x1, rows[:, :-1]) and torch.equal(y1, rows[:, 1:]) and w1 is None
+    x1, y1, loss_fn = stage(1).batch(rows)
+    assert torch.equal(x1, rows[:, :-1]) and torch.equal(y1, rows[:, 1:]) and loss_fn is None
     emb = torch.nn.Embedding(50, 8)
-    assert torch.equal(tst.bag_mean(emb(x1.unsqueeze(-1))), emb(x1))
+    assert torch.equal(combine(emb(x1.unsqueeze(-1))), emb(x1))
     assert math.isclose(tst.bag_weights(1, "power").item(), 1.0)
+
+
+def test_the_console_names_the_stage_of_a_tst_run_only():
+    assert tst.Schedule(settings(), 10).label(3) == ""  # a baseline has one phase: nothing to say
+    schedule = tst.Schedule(settings(s=4, r=0.5), 10)
+    assert schedule.label(4) == "phase 1: s=4, MCE" and schedule.label(5) == "phase 2"
+    assert tst.Schedule(settings(s=2, r=0.5, bag_loss="sum_to_one"), 10).label(0) == "phase 1: s=2, sum-to-one"
+
+
+# -----------------------------------------------------------------------------
+# The losses add up over chunks of positions, as model.chunked_loss calls them
+
+@pytest.mark.parametrize("loss", ["mce", "sum_to_one"])
+def test_the_shares_of_chunks_add_up_to_the_loss(loss):
+    torch.manual_seed(0)
+    logits, targets = torch.randn(30, 17, dtype=torch.float64), torch.randint(0, 17, (30, 4))
+    targets[torch.rand(30, 4) < 0.3] = IGNORE_INDEX
+    targets[:5] = IGNORE_INDEX
+    valid = targets != IGNORE_INDEX
+    if loss == "mce":
+        whole = tst.mce_loss(logits, targets, tst.bag_weights(4, "power").double())
+        share = functools.partial(tst.mce_loss, weights=tst.bag_weights(4, "power").double(),
+                                  column_counts=valid.sum(0))
+    else:
+        whole = tst.sum_to_one_loss(logits, targets)
+        share = functools.partial(tst.sum_to_one_loss, scored_positions=valid.any(1).sum())
+    parts = [share(logits[a:a + 7], targets[a:a + 7]) for a in range(0, 30, 7)]
+    torch.testing.assert_close(sum(parts), whole)
+
+
+# -----------------------------------------------------------------------------
+# The sum-to-one loss: -log of the probability of the bag as a whole
+
+def slow_sum_to_one(logits, targets):
+    """Position by position: -log of the summed softmax probabilities of the bag's distinct valid tokens; positions
+    without one left out of the mean."""
+    losses = []
+    for z, bag in zip(logits.reshape(-1, logits.size(-1)), targets.reshape(-1, targets.size(-1))):
+        tokens = sorted({int(t) for t in bag if t != IGNORE_INDEX})
+        if tokens:
+            losses.append(-torch.log(sum(z.softmax(-1)[t] for t in tokens)))
+    return torch.stack(losses).mean()
+
+
+def test_sum_to_one_equals_its_slow_statement_in_value_and_gradient():
+    torch.manual_seed(3)
+    logits = torch.randn(2, 9, 23, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 6, (2, 9, 4))  # a small alphabet: bags with repeated tokens
+    targets[torch.rand(2, 9, 4) < 0.25] = IGNORE_INDEX
+    targets[0, 0] = IGNORE_INDEX  # a position with no target
+    ours, ref = tst.sum_to_one_loss(logits, targets), slow_sum_to_one(logits, targets)
+    torch.testing.assert_close(ours, ref)
+    torch.testing.assert_close(torch.autograd.grad(ours, logits)[0], torch.autograd.grad(ref, logits)[0])
+
+
+def test_sum_to_one_counts_a_repeated_token_once():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2]]))
+    # the bag "0 0 1": P(0) + P(1) = 0.8, not 2 * P(0) + P(1) = 1.3 (which would make the loss negative)
+    torch.testing.assert_close(tst.sum_to_one_loss(logits, torch.tensor([[0, 0, 1]])), -torch.log(torch.tensor(0.8)))
+    # all the mass on the bag: 0; one token: the cross-entropy
+    assert tst.sum_to_one_loss(logits, torch.tensor([[0, 1, 2]])).abs() < 1e-6
+    torch.testing.assert_close(tst.sum_to_one_loss(logits, torch.tensor([[2, IGNORE_INDEX, 2]])),
+                               F.cross_entropy(logits, torch.tensor([2])))
+
+
+def test_sum_to_one_is_never_negative_and_at_most_the_mce():
+    torch.manual_seed(4)
+    logits, targets = torch.randn(50, 11), torch.randint(0, 11, (50, 4))  # every target valid
+    ours = tst.sum_to_one_loss(logits, targets)
+    assert ours >= 0
+    # -log sum P <= min_i -log P(y_i) <= the mean of the -log P(y_i): below MCE position by position
+    assert ours <= tst.mce_loss(logits, targets, tst.bag_weights(4))
