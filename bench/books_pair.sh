@@ -2,7 +2,7 @@
 # The GPU pair config/books_baseline.py + config/books_tst.py: prepares the English books in data/books_gpt2 if they
 # are missing, trains the baseline and the TST run one after another (about 4 minutes each on one H100), scores both
 # on the whole validation split and prints the comparison (runs/books/summary.md). Run again, it resumes or just
-# prints. Arguments go to compare.py sweep, e.g. a CPU smoke test:
+# prints. Arguments go to tools/compare.py sweep, e.g. a CPU smoke test:
 #   bash bench/books_pair.sh --out_root /tmp/books --set max_steps=8 dim=64 n_layers=2 compile=False ...
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,4 +12,4 @@ if [ ! -f data/books_gpt2/meta.json ]; then
     python data.py --source "$shared/corpus/train.jsonl.xz" --tokenizer gpt2 --out_dir data/books_gpt2
 fi
 # s and r as in config/books_tst.py; the sweep's baseline is that config with s=1, r=0: books_baseline.py
-python compare.py sweep --config config/books_tst.py --s 2 --r 0.25 --out_root runs/books --full_split_eval "$@"
+python tools/compare.py sweep --config config/books_tst.py --s 2 --r 0.25 --out_root runs/books --full_split_eval "$@"

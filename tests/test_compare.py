@@ -1,8 +1,10 @@
-"""compare.py on hand-made run folders: the table's numbers checked by hand, seeds averaged, the plots, the sweep's
-commands, and the errors a user sees."""
+"""tools/compare.py on hand-made run folders: the table's numbers checked by hand, seeds averaged, the plots, the
+sweep's commands, and the errors a user sees."""
 
 import json
 import math
+import os
+import re
 import runpy
 import subprocess
 import sys
@@ -10,28 +12,32 @@ from pathlib import Path
 
 import pytest
 
-import compare
-from data import UserError
+from cli import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+import compare  # noqa: E402
 
 POSITIONS = 1000  # per step, in every run
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def fake_run(folder, s, r, vals, eval_interval=100, steps=None, dt=0.5, finish=True, positions=POSITIONS,
-             schedule=(), **settings):
-    """A run folder as train.py leaves it: val_loss vals[i] after (i+1)*eval_interval steps; phase 1 reads s data
-    tokens per position. steps < max_steps makes a run still training (finish=False: a half-written last line).
-    A schedule [(end_fraction, s), ...] writes a newer log, with each step's bag size "s"; settings go to
-    config.json."""
+             schedule=(), at_boundaries=(), **settings):
+    """A run folder as train.py leaves it: val_loss vals[i] after (i+1)*eval_interval steps, and at_boundaries[j]
+    at the j-th stage boundary (train.py evaluates there too); phase 1 reads s data tokens per position.
+    steps < max_steps makes a run still training (finish=False: a half-written last line). A schedule
+    [(end_fraction, s), ...] writes a newer log, with each step's bag size "s"; settings go to config.json."""
     folder = Path(folder)
     folder.mkdir(parents=True)
     max_steps = eval_interval * len(vals)
     config = dict(s=s, r=r, tst_mode="full", max_steps=max_steps, seq_len=8, max_seq_len=8, seed=1337,
-                  eval_interval=eval_interval, data_dir="data/x", out_dir=str(folder))
+                  eval_interval=eval_interval, eval_tokens=64, data_dir="data/x", tokenizer="bytes",
+                  out_dir=str(folder))
     config.update(settings)
     if schedule:
         config["s_schedule"] = [list(stage) for stage in schedule]
     stages = list(schedule) or ([] if s == 1 else [(r, s)])
+    boundaries = dict(zip([math.floor(end * max_steps) for end, _ in stages], at_boundaries))
     (folder / "config.json").write_text(json.dumps(config))
     lines, data_tokens = [], 0
     for step in range(max_steps if steps is None else steps):
@@ -44,6 +50,8 @@ def fake_run(folder, s, r, vals, eval_interval=100, steps=None, dt=0.5, finish=T
             record["s"] = bag
         if (step + 1) % eval_interval == 0:
             record["val_loss"] = vals[(step + 1) // eval_interval - 1]
+        elif step + 1 in boundaries:
+            record["val_loss"] = boundaries[step + 1]
         lines.append(json.dumps(record) + "\n")
     text = "".join(lines) + ("" if finish else '{"step": 9999, "pha')
     (folder / "log.jsonl").write_text(text)
@@ -58,6 +66,12 @@ def runs(tmp_path):
         tst=fake_run(tmp_path / "tst", 4, 0.25, [2.6, 2.2], dt=0.25),
         better=fake_run(tmp_path / "better", 4, 0.25, [2.6, 1.9]),
     )
+
+
+@pytest.fixture
+def tables_only(monkeypatch):
+    """No matplotlib: compare.main prints its table and skips the plots, which take a second."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail
 
 
 def load(*folders):
@@ -93,7 +107,7 @@ def test_a_baseline_that_never_gets_there_gives_a_lower_bound(runs):
     assert table["better"]["delta"] == pytest.approx(1.9 - 2.0)
 
 
-def test_the_printed_table(runs, tmp_path, capsys):
+def test_the_printed_table(runs, tmp_path, capsys, tables_only):
     compare.main([str(runs["base"]), str(runs["tst"]), str(runs["better"]), "--out", str(tmp_path / "plots")])
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split()[:5] == ["run", "s", "r", "mode", "steps"]
@@ -103,7 +117,7 @@ def test_the_printed_table(runs, tmp_path, capsys):
     assert lines[3].split()[-3:] == ["-0.1000", ">", "2.00x"]
 
 
-def test_markdown_table(runs, tmp_path, capsys):
+def test_markdown_table(runs, tmp_path, capsys, tables_only):
     compare.main([str(runs["tst"]), str(runs["base"]), "--markdown", "--out", str(tmp_path / "plots")])
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == ("| run | s | r | mode | steps | final val | data tokens | positions | wall (s) | Δ val "
@@ -117,6 +131,28 @@ def test_runs_with_other_positions_per_step_are_flagged(runs, tmp_path, capsys):
     wide = fake_run(tmp_path / "wide", 4, 0.25, [2.6, 2.2], positions=2 * POSITIONS)
     load(runs["base"], wide)
     assert "warning: wide processes 2,000 positions per step, the baseline 1,000" in capsys.readouterr().err
+
+
+def test_runs_of_different_tokenizers_are_refused(runs, tmp_path):
+    # a loss per GPT-2 token (about 4 bytes of English) against a loss per byte: a Δ of +4.49 that means nothing
+    gpt2 = fake_run(tmp_path / "gpt2", 4, 0.25, [6.8, 6.5], tokenizer="gpt2")
+    with pytest.raises(UserError, match=re.escape(f"these runs use different tokenizers ({runs['base']}, "
+                                                  f"{runs['tst']}: bytes; {gpt2}: gpt2): a loss per token is not "
+                                                  f"comparable across tokenizers")):
+        load(runs["base"], runs["tst"], gpt2)
+
+
+def test_runs_evaluated_on_other_held_out_rows_are_flagged(runs, tmp_path, capsys):
+    # data.validation_rows(data_dir, seq_len, eval_tokens // seq_len): other settings, other rows of text
+    longer = fake_run(tmp_path / "longer", 4, 0.25, [2.6, 2.2], seq_len=16, eval_tokens=128)
+    elsewhere = fake_run(tmp_path / "elsewhere", 4, 0.25, [2.6, 2.2], data_dir="data/y")
+    load(runs["base"], runs["tst"], longer, elsewhere)
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["warning: longer is evaluated on other held-out rows than the baseline, seq_len=16 (the "
+                   "baseline's 8), eval_tokens=128 (the baseline's 64): Δ val mixes how hard those rows are with how "
+                   "well it trained",
+                   "warning: elsewhere is evaluated on other held-out rows than the baseline, data_dir='data/y' (the "
+                   "baseline's 'data/x'): Δ val mixes how hard those rows are with how well it trained"]
 
 
 def test_a_run_still_training_is_read_up_to_its_last_complete_line(tmp_path):
@@ -140,7 +176,7 @@ def test_baseline_detection(runs, tmp_path):
         load(runs["tst"], runs["better"])
 
 
-def test_an_explicit_baseline_is_compared_against_and_listed_first(runs, tmp_path, capsys):
+def test_an_explicit_baseline_is_compared_against_and_listed_first(runs, tmp_path, capsys, tables_only):
     compare.main([str(runs["better"]), str(runs["tst"]), "--baseline", str(runs["tst"]), "--out", str(tmp_path)])
     lines = capsys.readouterr().out.splitlines()
     assert lines[1].split()[:4] == ["tst", "4", "0.25", "baseline"]
@@ -187,7 +223,7 @@ def seeds(folder, s, r, finals, **settings):
     return [str(folder.with_name(folder.name + suffix)) for suffix in ["", "_seed2", "_seed3"][:len(finals)]]
 
 
-def test_by_seed_averages_runs_that_differ_only_by_seed(tmp_path, capsys):
+def test_by_seed_averages_runs_that_differ_only_by_seed(tmp_path, capsys, tables_only):
     base = seeds(tmp_path / "base", 1, 0.0, [2.0, 2.2])
     tst = seeds(tmp_path / "tst", 4, 0.25, [1.9, 2.0, 2.1])
     other_lr = seeds(tmp_path / "lr", 4, 0.25, [1.5], lr=1e-3)  # another setting: another configuration
@@ -205,8 +241,28 @@ def test_a_resumed_seed_is_still_the_same_configuration(tmp_path):
     config = json.loads((runs[1]["folder"] / "config.json").read_text())
     (runs[1]["folder"] / "config.json").write_text(json.dumps({**config, "resume": True, "ckpt_interval": 7}))
     assert len(compare.seed_groups([compare.load_run(run["folder"]) for run in runs])) == 1
-    (runs[1]["folder"] / "config.json").write_text(json.dumps({**config, "tst_mode": "input"}))
-    assert len(compare.seed_groups([compare.load_run(run["folder"]) for run in runs])) == 2
+    for setting in ({"tst_mode": "input"}, {"bag_loss": "sum_to_one"}, {"init_from": "out/other/ckpt.pt"}):
+        (runs[1]["folder"] / "config.json").write_text(json.dumps({**config, **setting}))
+        assert len(compare.seed_groups([compare.load_run(run["folder"]) for run in runs])) == 2, setting
+
+
+def test_logging_and_samples_do_not_make_another_configuration(tmp_path):
+    runs = [compare.load_run(f) for f in seeds(tmp_path / "tst", 4, 0.25, [1.9, 2.0])]
+    config = json.loads((runs[1]["folder"] / "config.json").read_text())
+    (runs[1]["folder"] / "config.json").write_text(json.dumps({
+        **config, "wandb_project": "tst", "wandb_run_name": "seed 2", "tensorboard": True, "sample_interval": 50,
+        "sample_prompt": "def ", "sample_tokens": 64, "sample_temperature": 0.8}))
+    assert len(compare.seed_groups([compare.load_run(run["folder"]) for run in runs])) == 1
+
+
+def test_the_mode_column_names_a_bag_loss_other_than_mce(runs, tmp_path, capsys, tables_only):
+    fake_run(tmp_path / "sum", 4, 0.25, [2.6, 2.1], bag_loss="sum_to_one")
+    fake_run(tmp_path / "sum_reinit", 4, 0.25, [2.6, 2.1], bag_loss="sum_to_one", reinit_at_switch=True)
+    fake_run(tmp_path / "mce", 4, 0.25, [2.6, 2.1], bag_loss="mce")
+    compare.main([str(runs["base"])] + [str(tmp_path / name) for name in ("sum", "sum_reinit", "mce")]
+                 + ["--markdown", "--out", str(tmp_path / "plots")])
+    modes = [line.split(" | ")[3] for line in capsys.readouterr().out.splitlines()[2:]]
+    assert modes == ["baseline", "full, sum_to_one", "full+reinit, sum_to_one", "full"]
 
 
 def test_seeds_of_several_baseline_configurations_need_a_choice(tmp_path):
@@ -226,7 +282,7 @@ def split_eval(run, loss, task="heldout_val_all"):
     (run / f"eval_step{steps}.json").write_text(json.dumps({"step": steps, "results": results}))
 
 
-def test_the_whole_split_loss_is_a_column_beside_the_in_training_one(runs, tmp_path, capsys):
+def test_the_whole_split_loss_is_a_column_beside_the_in_training_one(runs, tmp_path, capsys, tables_only):
     split_eval(runs["tst"], 2.1234)
     compare.main([str(runs["base"]), str(runs["tst"]), "--markdown", "--out", str(tmp_path / "plots")])
     lines = capsys.readouterr().out.splitlines()
@@ -244,9 +300,9 @@ def test_a_loss_over_part_of_the_split_is_not_the_whole_split(runs):
 
 
 def test_user_mistakes_print_one_line_and_bugs_keep_their_traceback(tmp_path, monkeypatch, capsys):
-    def compare_py(*args):  # as `python compare.py ARGS` runs it, in this process
-        monkeypatch.setattr(sys, "argv", ["compare.py", *map(str, args)])
-        runpy.run_path(str(ROOT / "compare.py"), run_name="__main__")
+    def compare_py(*args):  # as `python tools/compare.py ARGS` runs it, in this process
+        monkeypatch.setattr(sys, "argv", ["tools/compare.py", *map(str, args)])
+        runpy.run_path(str(ROOT / "tools" / "compare.py"), run_name="__main__")
 
     with pytest.raises(SystemExit) as stopped:
         compare_py(tmp_path / "nowhere")
@@ -260,18 +316,117 @@ def test_user_mistakes_print_one_line_and_bugs_keep_their_traceback(tmp_path, mo
         compare_py(run)
 
 
-def test_the_three_plots(runs, tmp_path, capsys):
+def test_the_table_needs_neither_numpy_nor_torch_nor_tiktoken(runs, tmp_path):
+    # run as a script from another folder, with matplotlib (which brings numpy itself) hidden
+    (tmp_path / "hide" / "matplotlib").mkdir(parents=True)
+    (tmp_path / "hide" / "matplotlib" / "__init__.py").write_text("raise ImportError('hidden by the test')\n")
+    result = subprocess.run([sys.executable, "-X", "importtime", str(ROOT / "tools" / "compare.py"), str(runs["base"]),
+                             str(runs["tst"])], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(tmp_path / "hide")},
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "1.50x" in result.stdout and "plots skipped" in result.stderr
+    imported = {line.rsplit("|", 1)[1].strip().split(".")[0] for line in result.stderr.splitlines()
+                if line.startswith("import time:")}
+    assert "cli" in imported and not imported & {"numpy", "torch", "tiktoken", "tst", "data"}
+
+
+def test_the_three_plots_and_the_note_when_they_replace_earlier_ones(runs, tmp_path, capsys):
     pytest.importorskip("matplotlib", reason="matplotlib is optional (pip install matplotlib)")
     out = tmp_path / "plots"
-    compare.main([str(runs["base"]), str(runs["tst"]), str(runs["better"]), "--out", str(out)])
     names = ["val_loss_vs_steps.png", "val_loss_vs_data_tokens.png", "equal_loss.png"]
+    wrote = [f"wrote {out / name}" for name in names]
+    compare.main([str(runs["base"]), str(runs["tst"]), str(runs["better"]), "--out", str(out)])
     for name in names:
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert capsys.readouterr().err.split() == [word for name in names for word in ("wrote", str(out / name))]
+    assert capsys.readouterr().err.splitlines() == wrote
+    compare.main([str(runs["base"]), str(runs["tst"]), "--out", str(out)])  # another comparison, the same folder
+    assert capsys.readouterr().err.splitlines() == [f"replacing the earlier plots in {out}: {', '.join(names)}",
+                                                    *wrote]
 
 
-def test_without_matplotlib_the_table_still_prints(runs, tmp_path, monkeypatch, capsys):
-    monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)  # makes `import matplotlib` fail
+@pytest.fixture
+def drawn(monkeypatch):
+    """The figures compare.plot saves, [equal FLOPs, equal data, equal loss], kept open to be looked at."""
+    plt = pytest.importorskip("matplotlib.pyplot", reason="matplotlib is optional (pip install matplotlib)")
+    figures, close = [], plt.close
+    monkeypatch.setattr(plt, "close", figures.append)
+    yield figures
+    for fig in figures:
+        close(fig)
+
+
+def inside(ax, x, y):
+    (left, right), (bottom, top) = ax.get_xlim(), ax.get_ylim()
+    return left <= x <= right and bottom <= y <= top
+
+
+def marked(ax, marker):
+    """The points drawn with this marker: "D" a change of stage, "^" a point above the zoomed panel."""
+    return [tuple(xy) for line in ax.get_lines() if line.get_marker() == marker for xy in line.get_xydata()]
+
+
+def test_the_plots_show_every_evaluation_and_zoom_on_the_end(tmp_path, drawn):
+    # the README's quick start: the old zoom cut off 6 of TST's 7 evaluations and the baseline's after 200 steps
+    base = fake_run(tmp_path / "base", 1, 0.0, [2.74, 2.84, 2.49, 2.60, 2.43, 2.31])
+    tst = fake_run(tmp_path / "tst", 4, 0.3, [3.60, 3.31, 3.10, 2.95, 2.89, 2.87], at_boundaries=[3.34])
+    compare.main([str(base), str(tst), "--out", str(tmp_path / "plots")])
+    base_tokens = [k * 1000 for k in range(100, 700, 100)]
+    tst_steps = [100, 180, 200, 300, 400, 500, 600]  # train.py evaluates at the switch, after 180 steps
+    tst_tokens = [k * 4000 if k <= 180 else 720_000 + (k - 180) * 1000 for k in tst_steps]
+    tst_vals = [3.60, 3.34, 3.31, 3.10, 2.95, 2.89, 2.87]
+    for fig, base_x, tst_x in [(drawn[0], range(100, 700, 100), tst_steps), (drawn[1], base_tokens, tst_tokens)]:
+        whole, end = fig.axes
+        base_points = list(zip(base_x, [2.74, 2.84, 2.49, 2.60, 2.43, 2.31]))
+        tst_points = list(zip(tst_x, tst_vals))
+        assert all(inside(whole, x, y) for x, y in base_points + tst_points)
+        # the zoom: from the second half of each run's last stage on (the baseline: 300 steps on; TST: 390 on)
+        assert all(inside(end, x, y) for x, y in base_points[2:] + tst_points[4:])
+        top = end.get_ylim()[1]
+        assert top < 3.10 and marked(end, "^") == [(tst_x[3], top)]  # where TST comes in from above
+        assert marked(whole, "D") == [(tst_x[1], 3.34)]  # the switch, on TST's curve
+    whole, end = drawn[2].axes  # equal loss: the baseline is at TST's final 2.87 after 100 steps already
+    assert all(inside(whole, k, v) for k, v in zip(range(100, 700, 100), [2.74, 2.84, 2.49, 2.60, 2.43, 2.31]))
+    assert inside(end, 100, 2.87) and inside(end, 600, 2.87) and inside(end, 600, 2.31)
+    assert [text.get_text() for text in end.texts] == ["0.17x"]
+
+
+def long_run(folder, s, r, gain, steps=8000, every=250):
+    """A realistic long run: the baseline from 5.5 after 250 steps to 1.37 after 8,000 (a power law, then the
+    decay); TST slowly falls through phase 1 (its val_loss is on token input) and ends gain below the baseline."""
+    def baseline(k):
+        return 1.3 + 4.2 * (k / every) ** -0.9 - 0.12 * max(0.0, (k - 0.9 * steps) / (0.1 * steps))
+
+    switch = math.floor(r * steps)
+
+    def val(k):
+        return 5.6 - 1.6 * k / switch if k <= switch else baseline(k) - gain + 0.9 * math.exp(-(k - switch) / 250)
+
+    curve = baseline if s == 1 else val
+    return fake_run(folder, s, r, [curve(k) for k in range(every, steps + 1, every)], eval_interval=every,
+                    at_boundaries=[curve(switch)] if s > 1 else [])
+
+
+def test_hundredths_at_the_end_of_long_runs_stay_readable(tmp_path, drawn):
+    folders = [long_run(tmp_path / "base", 1, 0.0, 0), long_run(tmp_path / "s4", 4, 0.3, 0.03),
+               long_run(tmp_path / "s8", 8, 0.3, -0.01), long_run(tmp_path / "s4_r0.1", 4, 0.1, 0.015)]
+    compare.main([*map(str, folders), "--out", str(tmp_path / "plots")])
+    runs = [compare.load_run(folder) for folder in folders]
+    # after 8,000 steps the baseline is at 1.37, the others 0.03 below, 0.01 above and 0.015 below it
+    ends = [[(8000, run["final_val"]) for run in runs], [run["evals"][-1][1:] for run in runs],
+            [(8000, run["final_val"]) for run in runs]]
+    for fig, points in zip(drawn, ends):
+        end = fig.axes[1]
+        bottom, top = end.get_ylim()
+        assert all(inside(end, x, y) for x, y in points)
+        assert 0.01 / (top - bottom) > 0.02  # a hundredth is over 2% of the zoom's height: 10 pixels or more
+    for fig, which in zip(drawn[:2], (0, 1)):
+        whole, end = fig.axes
+        assert all(inside(whole, e[which], e[2]) for run in runs for e in run["evals"])
+        switches = [(e[which], e[2]) for run in runs for e in run["evals"] if e[0] in (800, 2400)]
+        assert sorted(marked(whole, "D")) == sorted(switches) and len(switches) == 3
+
+
+def test_without_matplotlib_the_table_still_prints(runs, tmp_path, tables_only, capsys):
     compare.main([str(runs["base"]), str(runs["tst"]), "--out", str(tmp_path / "plots")])
     captured = capsys.readouterr()
     assert "1.50x" in captured.out
@@ -350,8 +505,8 @@ def test_the_full_split_evaluations_of_a_dry_run(scratch, capsys):
                   "--full_split_eval", "--dry_run"])
     assert commands(capsys) == [
         f"python train.py config/tiny_tst.py --s=4 --r=0.3 --tst_mode=full --out_dir={root}/s4_r0.3",
-        f"python eval.py --ckpt {root}/s2_r0.3/ckpt.pt --loss_tokens=all",
-        f"python eval.py --ckpt {root}/s4_r0.3/ckpt.pt --loss_tokens=all",
+        f"python eval.py --ckpt {root}/s2_r0.3/ckpt.pt --loss_tokens all",
+        f"python eval.py --ckpt {root}/s4_r0.3/ckpt.pt --loss_tokens all",
     ]
 
 
@@ -463,3 +618,11 @@ def test_sweep_rejects_bad_arguments(scratch):
         sweep("--torchrun", "0")
     with pytest.raises(UserError, match=r"--s 1 --r 0.3: TST needs s >= 2 and 0 < r < 1"):
         compare.main(["sweep", "--config", "config/tiny_tst.py", "--s", "1", "--r", "0.3", "--dry_run"])
+
+
+def test_the_sweep_offers_the_modes_of_tst(scratch, capsys):
+    tst = pytest.importorskip("tst")  # the one list of modes (tst.py imports torch)
+    with pytest.raises(SystemExit):
+        compare.main(["sweep", "--config", "config/tiny_tst.py", "--s", "4", "--r", "0.3", "--modes", "sideways"])
+    err = capsys.readouterr().err
+    assert "invalid choice: 'sideways'" in err and all(f"'{mode}'" in err for mode in tst.MODES)

@@ -2,15 +2,17 @@
 Compare train.py runs the three ways the paper does (equal FLOPs, equal data, equal loss), and train sweeps over s,
 r, the TST modes, the re-initialisation ablation and seeds.
 
-    python compare.py runs/baseline runs/tst                   # table; PNGs beside the runs (needs matplotlib)
-    python compare.py runs/sweep/* --by_seed --markdown        # runs that differ only by seed: mean ± sd, n
-    python compare.py sweep --config config/tiny_tst.py --s 2 3 4 --r 0.25 --seeds 1337 2
-    python compare.py sweep --config config/tiny_tst.py --s 2 --r 0.25 --modes full input output --reinit
-    python compare.py sweep --config config/270m_tst.py --s 4 6 8 --r 0.3 --torchrun 8   # prints the commands
+    python tools/compare.py runs/baseline runs/tst              # table; PNGs beside the runs (needs matplotlib)
+    python tools/compare.py runs/sweep/* --by_seed --markdown   # runs that differ only by seed: mean ± sd, n
+    python tools/compare.py sweep --config config/tiny_tst.py --s 2 3 4 --r 0.25 --seeds 1337 2
+    python tools/compare.py sweep --config config/tiny_tst.py --s 2 --r 0.25 --modes full input output --reinit
+    python tools/compare.py sweep --config config/270m_tst.py --s 4 6 8 --r 0.3 --torchrun 8   # prints the commands
 
 A run is a train.py out_dir: config.json and log.jsonl (a run still training is read up to its last complete line),
 and eval_step{steps}.json if eval.py scored its last checkpoint on the whole validation split. The baseline is the
-run whose log has no phase-1 step (or --baseline); every other run is compared with it.
+run whose log has no phase-1 step (or --baseline); every other run is compared with it. Runs of different tokenizers
+are refused: a loss per token is not comparable across them. The PNGs replace those of an earlier comparison in the
+same folder (the script says so).
 """
 
 import argparse
@@ -22,19 +24,22 @@ import subprocess
 import sys
 from pathlib import Path
 
-from data import UserError
+ROOT = Path(__file__).resolve().parents[1]  # the repository: its modules, and the train.py and eval.py a sweep runs
+sys.path.insert(0, str(ROOT))
+import cli  # noqa: E402
+from cli import UserError  # noqa: E402
 
-HERE = Path(__file__).parent
 # eval.py's held-out loss over every token of the validation split, written to RUN/eval_step{step}.json as the task
 # heldout_val_all
-FULL_SPLIT_EVAL = ["--loss_tokens=all"]
+FULL_SPLIT_EVAL = ["--loss_tokens", "all"]
 
 
 # -----------------------------------------------------------------------------
 # Reading runs
 
 def load_run(folder):
-    """A run's settings, its evaluations [(steps done, data tokens, val_loss)] and the table's totals."""
+    """A run's settings, its evaluations [(steps done, data tokens, val_loss)], the steps done where each of its
+    stages ends (train.py evaluates there too) and the table's totals."""
     folder = Path(folder)
     for name in ("config.json", "log.jsonl"):
         if not (folder / name).is_file():
@@ -47,15 +52,17 @@ def load_run(folder):
                         f"eval_interval={config.get('eval_interval')} steps and at the end)")
     schedule = config.get("s_schedule") or []  # [(end_fraction, s), ...]; older runs have s and r only
     steps = log[-1]["step"] + 1
-    # a stage is a run of steps with one phase and one bag size ("s", logged per step by newer runs)
-    stage = [(r["phase"], r.get("s")) for r in log]
+    mode = config["tst_mode"] + ("+reinit" if config.get("reinit_at_switch") else "")
+    if config.get("bag_loss", "mce") != "mce":  # runs older than the setting trained with MCE
+        mode += f", {config['bag_loss']}"
     return dict(
         name=folder.name, folder=folder, config=config, steps=steps, max_steps=config["max_steps"], evals=evals,
-        s=",".join(str(s) for _, s in schedule) if schedule else str(config["s"]),
+        s=",".join(str(s) for _, s in schedule) if schedule else str(config["s"]), mode=mode,
         r=schedule[-1][0] if schedule else config["r"],
-        mode=config["tst_mode"] + ("+reinit" if config.get("reinit_at_switch") else ""),
         is_baseline=all(r["phase"] == 2 for r in log),
-        boundaries=[r["step"] for r, before in zip(log[1:], stage) if (r["phase"], r.get("s")) != before],
+        # a stage is a run of steps with one phase and one bag size ("s", logged per step by newer runs)
+        boundaries=[r["step"] for before, r in zip(log, log[1:])
+                    if (r["phase"], r.get("s")) != (before["phase"], before.get("s"))],
         final_val=evals[-1][2], full_split_val=full_split_loss(folder, steps),
         data_tokens=log[-1]["data_tokens"], positions=log[-1]["positions"], wall=sum(r["dt"] for r in log))
 
@@ -94,8 +101,13 @@ def find_baseline(runs, by_seed=False):
 # -----------------------------------------------------------------------------
 # The numbers
 
+# the settings that choose the held-out rows every val_loss of a run is measured on (data.validation_rows)
+VAL_ROWS = ("data_dir", "seq_len", "eval_tokens")
+
+
 def compare(runs, baseline):
-    """Adds delta, speedup and crossing to each run but the baseline; returns the runs, the baseline first.
+    """Adds delta, speedup and crossing to each run but the baseline; returns the runs, the baseline first. Refuses
+    runs of different tokenizers, and warns where steps are not equal FLOPs or val_loss scores other text.
 
     delta = final val - the baseline's final val: negative is better. final val is the last evaluation's
     val_loss, the next-token loss on token input (comparable across phases, unlike the logged MCE).
@@ -106,6 +118,13 @@ def compare(runs, baseline):
     rate has not decayed), so the speed-up can be overstated; for a strict figure train baselines of several
     lengths and compare final losses, as the paper did.
     """
+    tokenizers = {}
+    for run in runs:
+        tokenizers.setdefault(run["config"]["tokenizer"], []).append(str(run["folder"]))
+    if len(tokenizers) > 1:
+        which = "; ".join(f"{', '.join(folders)}: {tokenizer}" for tokenizer, folders in tokenizers.items())
+        raise UserError(f"these runs use different tokenizers ({which}): a loss per token is not comparable across "
+                        f"tokenizers, whose tokens hold different amounts of text; compare runs of one tokenizer")
     per_step = baseline["positions"] / baseline["steps"]
     for run in runs:
         if run is baseline:
@@ -113,6 +132,11 @@ def compare(runs, baseline):
         if run["positions"] / run["steps"] != per_step:
             print(f"warning: {run['name']} processes {run['positions'] / run['steps']:,.0f} positions per step, "
                   f"the baseline {per_step:,.0f}: their steps are not equal FLOPs", file=sys.stderr)
+        other = [f"{key}={run['config'][key]!r} (the baseline's {baseline['config'][key]!r})" for key in VAL_ROWS
+                 if run["config"][key] != baseline["config"][key]]
+        if other:
+            print(f"warning: {run['name']} is evaluated on other held-out rows than the baseline, {', '.join(other)}: "
+                  f"Δ val mixes how hard those rows are with how well it trained", file=sys.stderr)
         steps, _, loss = run["evals"][-1]
         run["delta"] = loss - baseline["final_val"]
         run["crossing"] = next((k for k, _, v in baseline["evals"] if v <= loss), None)
@@ -121,7 +145,9 @@ def compare(runs, baseline):
 
 
 # settings that do not change what a run computes: runs that differ only in these are seeds of one configuration
-NOT_CONFIGURATION = {"seed", "out_dir", "resume", "log_interval", "ckpt_interval", "keep_last", "wandb_project"}
+NOT_CONFIGURATION = {"seed", "out_dir", "resume", "log_interval", "ckpt_interval", "keep_last", "wandb_project",
+                     "wandb_run_name", "tensorboard", "sample_interval", "sample_prompt", "sample_tokens",
+                     "sample_temperature"}
 
 
 def seed_groups(runs):
@@ -199,7 +225,30 @@ def render(columns, rows, markdown):
 
 
 # -----------------------------------------------------------------------------
-# The three plots
+# The three plots, each in two panels: every evaluation of every run, and the end zoomed in, where runs differ by
+# hundredths of a nat
+
+PLOTS = ["val_loss_vs_steps.png", "val_loss_vs_data_tokens.png", "equal_loss.png"]
+
+
+def tail(run):
+    """The index of the run's first evaluation in the second half of its last stage: the part the zoom shows whole.
+    (TST's val_loss before the switch is far above the rest: token input is not what phase 1 trains on.)"""
+    start = run["boundaries"][-1] if run["boundaries"] else 0
+    return next((i for i, (k, _, _) in enumerate(run["evals"]) if 2 * k >= start + run["steps"]),
+                len(run["evals"]) - 1)
+
+
+def zoom(series):
+    """The zoomed panel's limits for series [(xs, ys, first index of the tail, colour)]: in y every tail, in x every
+    point that falls in that y range."""
+    bottom = min(y for _, ys, _, _ in series for y in ys)
+    top = max(y for _, ys, i, _ in series for y in ys[i:])
+    pad = 0.06 * (top - bottom) or 0.01
+    xs = [x for xs, ys, _, _ in series for x, y in zip(xs, ys) if y <= top]
+    margin = 0.03 * (max(xs) - min(xs)) or 1
+    return (min(xs) - margin, max(xs) + margin), (bottom - pad, top + pad)
+
 
 def plot(runs, baseline, out):
     """Writes the three PNGs into out and returns their paths; [] without matplotlib."""
@@ -207,20 +256,22 @@ def plot(runs, baseline, out):
         import matplotlib
         matplotlib.use("Agg")  # files only: no display needed
         import matplotlib.pyplot as plt
+        from matplotlib.lines import Line2D
+        from matplotlib.ticker import EngFormatter
     except ImportError:
         print("plots skipped: matplotlib is not installed (pip install matplotlib); the table has the numbers",
               file=sys.stderr)
         return []
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    paths = [out / name for name in PLOTS]
+    earlier = [path.name for path in paths if path.exists()]
+    if earlier:
+        print(f"replacing the earlier plots in {out}: {', '.join(earlier)}", file=sys.stderr)
     colours = ["black" if run is baseline else f"C{i}" for i, run in enumerate(runs)]
-    # Zoom: every curve starts near log(vocab_size) and would squash the end of training into a flat line; the
-    # differences that matter are hundredths of a nat.
-    top = next(v for k, _, v in baseline["evals"] if k >= 0.1 * baseline["steps"])
-    top = max(top, *(run["final_val"] for run in runs))
-    bottom = min(v for run in runs for _, _, v in run["evals"])
-    pad = 0.1 * (top - bottom) or 0.05  # room for the speed-up labels
-    paths = []
+    # the legend's entry for the marks on the curves, where some run has more than one stage
+    switch = [Line2D([], [], marker="D", color="grey", fillstyle="none", linestyle="none",
+                     label="a change of stage (the switch)")] * any(run["boundaries"] for run in runs)
 
     def label(run):
         if run is baseline:
@@ -228,51 +279,81 @@ def plot(runs, baseline, out):
         mode = "" if run["mode"] == "full" else f", {run['mode']}"
         return f"{run['name']} (s={run['s']}, r={run['r']:g}{mode})"
 
-    def figure(title, xlabel):
-        fig, ax = plt.subplots(figsize=(8, 5))
-        ax.set(title=title, xlabel=xlabel, ylabel="validation loss (next token, nats)",
-               ylim=(bottom - pad, top + pad))
-        ax.grid(alpha=0.3)
-        return fig, ax
+    def figure(title, xlabel, series, draw):
+        """draw(ax) in two panels, the lower one zoomed to the tails of series [(xs, ys, tail index, colour)], with a
+        mark on its top edge for a point above it."""
+        fig, (whole, end) = plt.subplots(2, 1, figsize=(8, 9), height_ratios=[2, 3])
+        # fixed margins, which fit these labels: a layout engine would double the time to draw
+        fig.subplots_adjust(left=0.11, right=0.97, bottom=0.06, top=0.93, hspace=0.25)
+        fig.suptitle(title)
+        whole.set_title("every evaluation", fontsize="medium")
+        end.set_title("the end: the second half of every run's last stage (△ a point above this range)",
+                      fontsize="medium")
+        for ax in (whole, end):
+            draw(ax)
+            ax.set(xlabel=xlabel, ylabel="validation loss (next token, nats)")
+            ax.grid(alpha=0.3)
+            if xlabel == "data tokens":
+                ax.xaxis.set_major_formatter(EngFormatter())
+        (left, right), (low, high) = zoom(series)
+        end.set(xlim=(left, right), ylim=(low, high))
+        for xs, ys, _, colour in series:
+            # where the curve comes in from above, and every spike after that (the upper panel shows the rest)
+            first = next(i for i, y in enumerate(ys) if y <= high)
+            above = [x for i, (x, y) in enumerate(zip(xs, ys)) if y > high and i >= first - 1 and left <= x <= right]
+            if above:
+                end.plot(above, [high] * len(above), "^", color=colour, fillstyle="none", clip_on=False)
+        return fig
 
-    def save(fig, ax, name):
-        ax.legend(fontsize="small")
-        fig.tight_layout()
-        fig.savefig(out / name, dpi=120)
+    def save(path, fig, legend_extra=()):
+        whole = fig.axes[0]
+        whole.legend(handles=whole.get_legend_handles_labels()[0] + list(legend_extra), fontsize="small")
+        fig.savefig(path, dpi=120)
         plt.close(fig)
-        paths.append(out / name)
 
-    fig, ax = figure("Equal FLOPs: validation loss by step (dotted: a change of stage)", "steps")
-    for run, colour in zip(runs, colours):
-        steps, _, val = zip(*run["evals"])
-        ax.plot(steps, val, marker=".", color=colour, label=label(run))
-        for step in run["boundaries"]:
-            ax.axvline(step, color=colour, linestyle=":", linewidth=1)
-    save(fig, ax, "val_loss_vs_steps.png")
+    def curves(which):
+        """Every run's val loss by steps (which 0) or by data tokens (1): its series and draw(ax), which marks each
+        stage boundary on the run's curve."""
+        series = [([e[which] for e in run["evals"]], [e[2] for e in run["evals"]], tail(run), colour)
+                  for run, colour in zip(runs, colours)]
 
-    fig, ax = figure("Equal data: validation loss by data tokens read", "data tokens")
-    for run, colour in zip(runs, colours):
-        _, tokens, val = zip(*run["evals"])
-        ax.plot(tokens, val, marker=".", color=colour, label=label(run))
-    save(fig, ax, "val_loss_vs_data_tokens.png")
+        def draw(ax):
+            for run, (xs, ys, _, colour) in zip(runs, series):
+                ax.plot(xs, ys, marker=".", color=colour, label=label(run))
+                at = [(e[which], e[2]) for e in run["evals"] if e[0] in run["boundaries"]]
+                if at:
+                    ax.plot(*zip(*at), "D", color=colour, fillstyle="none", markersize=8)
+        return series, draw
 
-    fig, ax = figure("Equal loss: baseline steps to each run's final loss", "steps")
+    save(paths[0], figure("Equal FLOPs: validation loss by step", "steps", *curves(0)), switch)
+    save(paths[1], figure("Equal data: validation loss by data tokens read", "data tokens", *curves(1)), switch)
+
     steps, _, val = zip(*baseline["evals"])
-    ax.plot(steps, val, marker=".", color="black", label=label(baseline))
-    for run, colour in zip(runs, colours):
-        if run is baseline:
-            continue
-        n, _, loss = run["evals"][-1]
-        ax.axhline(loss, color=colour, linestyle="--", linewidth=1, label=f"{label(run)}: {loss:.4f} at {n} steps")
-        ax.plot(n, loss, marker="s", color=colour)  # where the run got to its final loss
-        if run["crossing"] is not None:
-            ax.plot(run["crossing"], loss, marker="o", markersize=10, fillstyle="none", color=colour)
-            ax.annotate(f"{run['speedup']:.2f}x", (run["crossing"], loss), xytext=(6, 6),
-                        textcoords="offset points", color=colour)
-        else:
-            ax.annotate(f"> {run['speedup']:.2f}x", (baseline["steps"], loss), xytext=(6, 6),
-                        textcoords="offset points", color=colour)
-    save(fig, ax, "equal_loss.png")
+    others = [(run, colour) for run, colour in zip(runs, colours) if run is not baseline]
+    # besides the baseline's curve, the zoom shows where each run ends and where the baseline gets there
+    series = [(steps, val, tail(baseline), "black")]
+    series += [([run["evals"][-1][0]], [run["final_val"]], 0, colour) for run, colour in others]
+    series += [([run["crossing"]], [run["final_val"]], 0, colour) for run, colour in others
+               if run["crossing"] is not None]
+
+    def draw(ax):
+        ax.plot(steps, val, marker=".", color="black", label=label(baseline))
+        for run, colour in others:
+            n, _, loss = run["evals"][-1]
+            ax.axhline(loss, color=colour, linestyle="--", linewidth=1,
+                       label=f"{label(run)}: {loss:.4f} at {n} steps")
+            ax.plot(n, loss, marker="s", color=colour)  # where the run got to its final loss
+            if run["crossing"] is not None:
+                ax.plot(run["crossing"], loss, marker="o", markersize=10, fillstyle="none", color=colour)
+
+    fig = figure("Equal loss: baseline steps to each run's final loss", "steps", series, draw)
+    end = fig.axes[1]
+    for run, colour in others:  # the speed-up, in the zoom only: at the end the upper panel has no room
+        at, bound = (baseline["steps"], "> ") if run["crossing"] is None else (run["crossing"], "")
+        side = -1 if at > sum(end.get_xlim()) / 2 else 1  # the label on the side with room
+        end.annotate(f"{bound}{run['speedup']:.2f}x", (at, run["final_val"]), xytext=(6 * side, 6),
+                     textcoords="offset points", ha="right" if side < 0 else "left", color=colour)
+    save(paths[2], fig)
     return paths
 
 
@@ -350,6 +431,7 @@ def summary(root, jobs):
 
 
 def sweep(argv):
+    import tst  # the TST modes' one list; tst imports torch, which the table and plots do without
     p = argparse.ArgumentParser(
         prog="compare.py sweep", description=(
             "Train the baseline (s=1, r=0) and every (s, r, mode) once per seed, one after another, each as "
@@ -361,7 +443,7 @@ def sweep(argv):
     p.add_argument("--config", required=True, help="a train.py config file, e.g. config/tiny_tst.py")
     p.add_argument("--s", type=int, nargs="+", required=True, help="bag sizes, each >= 2")
     p.add_argument("--r", type=float, nargs="+", required=True, help="phase-1 fractions, each in (0, 1)")
-    p.add_argument("--modes", nargs="+", choices=["full", "input", "output"], default=["full"],
+    p.add_argument("--modes", nargs="+", choices=tst.MODES, default=["full"],
                    help="tst_mode of the TST runs (default: full); input and output are the paper's ablations")
     p.add_argument("--reinit", action="store_true", help="also a full run with the input embedding and LM head "
                    "re-initialised at the switch (reinit_at_switch=True, the paper's ablation)")
@@ -411,7 +493,7 @@ def sweep(argv):
             print(command_line("train.py", cmd, args.torchrun))
             continue
         print(f"==> {command_line('train.py', cmd, None)}", flush=True)
-        if subprocess.run([sys.executable, str(HERE / "train.py"), *cmd]).returncode != 0:
+        if subprocess.run([sys.executable, str(ROOT / "train.py"), *cmd]).returncode != 0:
             raise UserError(f"train.py stopped on {out} (its message is above); fix the cause and run the sweep "
                             f"again: finished runs are skipped and interrupted ones resume")
     to_score = jobs if args.full_split_eval else []
@@ -425,7 +507,7 @@ def sweep(argv):
             print(command_line("eval.py", cmd, None))
             continue
         print(f"==> {command_line('eval.py', cmd, None)}", flush=True)
-        if subprocess.run([sys.executable, str(HERE / "eval.py"), *cmd]).returncode != 0:
+        if subprocess.run([sys.executable, str(ROOT / "eval.py"), *cmd]).returncode != 0:
             raise UserError(f"eval.py stopped on {out} (its message is above); fix the cause and run the sweep "
                             f"again: finished runs and evaluations are skipped")
     if print_only:
@@ -471,8 +553,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    cli.run(main)
