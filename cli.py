@@ -17,14 +17,23 @@ class UserError(Exception):
 
 
 def run(main, argv=None):
-    """main(argv) with the command line's arguments; a UserError becomes one line on stderr (from rank 0 only under
-    torchrun, where every rank raises it) and exit status 1; Ctrl-C exits with 130."""
+    """main(argv) with the command line's arguments, then exit: a UserError becomes one line on stderr (from rank 0
+    only under torchrun, where every rank raises it) and exit status 1; Ctrl-C outside a training loop (which saves
+    first) exits with 130, without a traceback."""
+    code = 0
     try:
-        return main(sys.argv[1:] if argv is None else argv)
+        main(sys.argv[1:] if argv is None else argv)
     except UserError as e:
         if int(os.environ.get("RANK", 0)) == 0:
             print("error:", " ".join(str(e).split("\n")), file=sys.stderr)  # one line, even for a library's message
-        sys.exit(1)
-    except KeyboardInterrupt:  # Ctrl-C outside a training loop (which saves first): no traceback
+        code = 1
+    except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        sys.exit(130)
+        code = 130
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    if "RANK" in os.environ:  # under torchrun: skip the interpreter's teardown, where gloo's threads can abort
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

@@ -474,8 +474,8 @@ def start_from_checkpoint(run, path, resume=False):
     if run.master and not resume and old["max_steps"] != config["max_steps"] and run.start_step < config["max_steps"]:
         print(f"max_steps {old['max_steps']} -> {config['max_steps']}: the learning-rate schedule (and every stage) is "
               f"computed over {config['max_steps']} steps, so step {run.start_step} runs at lr "
-              f"{lr_at(run.start_step, config):.3g} where the original would have used "
-              f"{lr_at(min(run.start_step, old['max_steps'] - 1), old):.3g}; the decay now starts at step "
+              f"{lr_at(run.start_step, config):.3g}; the original's last step ran at "
+              f"{lr_at(old['max_steps'] - 1, old):.3g}; the decay now starts at step "
               f"{config['max_steps'] - round(config['decay_frac'] * config['max_steps'])}")
 
 
@@ -578,19 +578,31 @@ def train_step(run, step, stop_requested=False):
     return record, sums[2].item() > 0
 
 
+def command(argv, *extra):
+    """The command line that runs this script again with argv, the settings in `extra` replacing theirs; under
+    torchrun, with torchrun (and the `--` that keeps its parser off the script's settings)."""
+    keys = tuple(e.split("=", 1)[0] + "=" for e in extra)
+    kept = [a for a in argv if not a.startswith(keys)] + list(extra)
+    script = os.path.relpath(__file__)
+    script = script if not script.startswith("..") else __file__
+    if dist.is_initialized():
+        launch = ["torchrun", f"--nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', 1)}", script, "--"]
+    else:
+        launch = ["python", script]
+    return shlex.join(launch + kept)
+
+
 def diverged(run, step, loss, grad_norm):
     """The one line for a NaN or infinite loss or gradient: the command that branches from the last good checkpoint
     with a lower learning rate, or that starts again with one."""
     out_dir = Path(run.config["out_dir"])
-    argv = [a for a in run.argv if not a.startswith(("--lr=", "--out_dir=", "--resume=", "--init_from="))]
     lower = f"--lr={run.config['lr'] / 4:g}"
     if (out_dir / "ckpt.pt").exists():
         last = (out_dir / "ckpt.pt").resolve()
-        command = shlex.join(["python", "train.py", *argv, f"--init_from={last}", lower, f"--out_dir={out_dir}_lr"])
-        advice = f"the last checkpoint ({last.name}) is from before it: branch from it with a lower lr: {command}"
+        branch = command(run.argv, f"--init_from={last}", lower, f"--out_dir={out_dir}_lr", "--resume=False")
+        advice = f"the last checkpoint ({last.name}) is from before it: branch from it with a lower lr: {branch}"
     else:
-        command = shlex.join(["python", "train.py", *argv, lower])
-        advice = f"no checkpoint was written yet: start again with a lower lr: {command}"
+        advice = f"no checkpoint was written yet: start again with a lower lr: {command(run.argv, lower)}"
     return (f"step {step}: loss {loss}, grad norm {grad_norm}: the run diverged and stopped before the update; "
             f"{advice}")
 
@@ -737,11 +749,8 @@ def stop(run, done, signum, path):
     process killed by it would."""
     name = signal.Signals(signum).name if signum else "a signal on another rank"
     if run.master:
-        argv = [a for a in run.argv if not a.startswith("--resume=")] + ["--resume=True"]
-        launcher = (["torchrun", f"--nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', run.world)}", "train.py",
-                     "--"] if dist.is_initialized() else ["python", "train.py"])
-        print(f"stopped by {name} after step {done - 1}: saved {path}; continue with: {shlex.join(launcher + argv)}",
-              flush=True)
+        print(f"stopped by {name} after step {done - 1}: saved {path}; continue with: "
+              f"{command(run.argv, '--resume=True')}", flush=True)
     raise SystemExit(128 + (signum or signal.SIGTERM))
 
 

@@ -1,7 +1,6 @@
 # A mixture-of-experts TST run small enough for a laptop CPU: bytes of the Python standard library, 2 layers of
-# width 64, 8 experts of 64 with top-2 and a shared expert (280k parameters, 132k active), bags of s = 4 for the
-# first 30% of 300 steps. About 35 s on 2 cores (final val loss 2.72); on a busy machine OMP_NUM_THREADS=1
-# keeps it there (many small matmuls: OpenMP's thread barriers stall when other processes share the cores).
+# width 64 with QK-norm, 8 experts of 64 with top-2 (Qwen3-MoE's layout, so tools/export_hf.py exports it), bags of
+# s = 4 for the first 30% of 300 steps. Many small matmuls: on a busy machine OMP_NUM_THREADS=1 is faster.
 #   OMP_NUM_THREADS=1 python train.py config/tiny_moe_tst.py
 out_dir = "out/tiny_moe_tst"
 data_dir = "data/stdlib_bytes"
@@ -18,7 +17,6 @@ max_seq_len = 128
 n_experts = 8
 top_k = 2
 expert_ffn_dim = 64
-shared_expert_ffn_dim = 64
 balance = "aux"
 aux_loss_coef = 0.01
 

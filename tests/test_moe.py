@@ -270,7 +270,7 @@ def test_tiny_moe_tst_run_goes_through_both_phases(balance):
         n = stage.data_tokens_per_row(T)
         rows = torch.stack([stream[pos + b * n: pos + b * n + n + 1] for b in range(B)])
         pos += B * n
-        loss, aux = m(*stage.inputs_and_targets(rows))
+        loss, aux = m(*stage.batch(rows))
         loss = loss + aux
         opt.zero_grad()
         loss.backward()
@@ -420,6 +420,6 @@ def test_tiny_moe_config_builds_a_cpu_moe():
     assert cfg.n_experts > 0 and conf["s"] > 1 and not conf["fsdp"]
     m = Transformer(cfg)
     rows = torch.randint(0, 256, (2, conf["s"] * conf["seq_len"] + 1))
-    x, targets, w = tst.Stage(0, 1, conf["s"], weights=(0.25,) * 4).inputs_and_targets(rows)
-    loss, aux = m(x, targets, w)
+    x, targets, loss_fn = tst.Stage(0, 1, conf["s"], weights=(0.25,) * 4).batch(rows)
+    loss, aux = m(x, targets, loss_fn)
     assert m(x).shape == (2, conf["seq_len"], cfg.vocab_size) and aux.item() > 0 and loss.item() > 0

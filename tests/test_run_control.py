@@ -1,0 +1,373 @@
+"""Steering a run: --help, --plan, stopping on a signal, branching from a checkpoint, one run per out_dir, a full disk,
+samples, experiment trackers, the console line."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+import checkpoint
+import data
+import model
+import train
+from cli import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("corpus")
+    for i in range(40):
+        words = " ".join(f"w{(i * 7 + k * k) % 53}" for k in range(400))
+        (folder / f"doc{i:02d}.txt").write_text(f"document {i}: {words}\n")
+    out = folder / "shards"
+    data.prepare(str(folder / "*.txt"), "bytes", out, val_tokens=4000, num_proc=1)
+    return out
+
+
+def settings(data_dir, out_dir, **overrides):
+    base = dict(data_dir=data_dir, out_dir=out_dir, dim=32, n_layers=2, n_heads=2, n_kv_heads=2, ffn_dim=64,
+                max_seq_len=16, seq_len=16, batch_size=4, max_steps=10, warmup_steps=2, lr=1e-2, s=4, r=0.3,
+                eval_interval=5, eval_tokens=128, log_interval=1, ckpt_interval=1, keep_last=20, device="cpu")
+    base.update(overrides)
+    return [f"--{k}={v}" for k, v in base.items()]
+
+
+def read_log(out_dir):
+    return [json.loads(line) for line in (Path(out_dir) / "log.jsonl").read_text().splitlines()]
+
+
+KEYS = ("step", "phase", "loss", "grad_norm", "positions", "data_tokens", "lr")
+
+
+def same_steps(log, reference):
+    return [{k: r[k] for k in KEYS} for r in log] == [{k: r[k] for k in KEYS} for r in reference]
+
+
+# -----------------------------------------------------------------------------
+# --help and --plan
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_help_lists_every_setting_with_its_default_and_meaning_and_exits_0(flag):
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), flag], capture_output=True, text=True,
+                            cwd=ROOT)
+    assert result.returncode == 0 and not result.stderr, result.stderr
+    out = result.stdout
+    for title in ("\ntrain.py\n", "\ntst.py\n", "\nmodel.py: ModelConfig"):
+        assert title in out
+    lines = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ") and not
+             line.startswith("  #")}
+    assert set(train.DEFAULTS) <= set(lines)
+    for key, default in train.DEFAULTS.items():
+        assert repr(default) in lines[key], key
+    assert "peak learning rate" in lines["lr"] and "bag size" in lines["s"] and "top_k" in lines
+    assert all(len(line.split(maxsplit=2)) == 3 for key, line in lines.items()), "a setting without a meaning"
+
+
+def plan(argv, capsys):
+    assert train.main(argv) is None
+    return capsys.readouterr().out
+
+
+def test_plan_of_the_papers_270m_pair_says_what_the_data_folder_must_hold(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no data/dclm_llama3 here
+    base = plan([str(ROOT / "config" / "270m_baseline.py"), "--plan=8"], capsys)
+    tst_run = plan([str(ROOT / "config" / "270m_tst.py"), "--plan=8"], capsys)
+    assert "267,225,408 parameters" in base and "1.585 GFLOP per position" in base
+    assert "1,024 rows x 2048 positions = 2,097,152 positions per step (8 process(es) x 16 rows x 8 micro-step" in base
+    assert "41,943,040,000 data tokens" in base and "must hold 41,943,040,000 train tokens (41.9B)" in base
+    assert "must hold 104,857,600,000 train tokens (104.9B)" in tst_run
+    assert re.search(r"steps 0-5,999 \(6,000, bags of s=6 .*\): 12,582,912,000 positions, 75,497,472,000 data", tst_run)
+    assert "steps 6,000-19,999 (14,000, next-token training)" in tst_run
+    assert "DDP over 8 processes" in tst_run
+
+
+def test_plan_of_every_config_runs_offline_on_the_meta_device(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for path in sorted((ROOT / "config").glob("*.py")):
+        out = plan([str(path), "--plan"], capsys)
+        assert "parameters" in out and "memory per device" in out and "total:" in out, path.name
+    moe = plan([str(ROOT / "config" / "10b_a1b_tst.py"), "--plan=64"], capsys)
+    assert "10,058,576,896 parameters" in moe and "998,880,256 active per position" in moe
+    assert "FSDP2 over 64 processes" in moe
+
+
+def test_plan_reads_the_epochs_of_a_prepared_folder(data_dir, capsys):
+    out = plan(settings(data_dir, "unused") + ["--plan"], capsys)
+    meta = data.load_meta(data_dir)
+    tokens = 3 * 4 * 16 * 4 + 7 * 4 * 16  # 3 steps of s=4 bags, 7 next-token steps
+    assert f"holds {meta['train_tokens']:,} train tokens: the run reads {tokens / meta['train_tokens']:.2f} epochs" in out
+    assert not Path("unused").exists()  # a plan writes nothing
+
+
+def test_the_plans_memory_estimate_is_near_the_one_gpu_measurement():
+    """The only measurement there is: the 270M step at 8 x 2048 positions with the old full-logits loss, compiled,
+    peaked at 40.4 GiB on an H100. The plan's parts for that step (states, activations, whole logits) come within
+    20% of it."""
+    cfg = model.NAMED_SHAPES["270m"]
+    n = cfg.num_params()
+    positions = 8 * 2048
+    states = 16 * n
+    full_logits = positions * cfg.vocab_size * (2 + 3 * 4)
+    estimate = (states + cfg.activation_bytes(positions, 2) + full_logits) / 2**30
+    assert abs(estimate - 40.4) / 40.4 < 0.2, estimate
+
+
+# -----------------------------------------------------------------------------
+# Stopping: SIGTERM (a cluster's notice) and Ctrl-C save the step reached and say how to continue
+
+def start(args, cwd, torchrun=False):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if torchrun \
+        else [sys.executable]
+    script = [str(ROOT / "train.py")] + (["--"] if torchrun else [])
+    return subprocess.Popen(launcher + script + args, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def wait_for_steps(out_dir, n, process, timeout=120):
+    log = Path(out_dir) / "log.jsonl"
+    deadline = time.time() + timeout
+    while time.time() < deadline and process.poll() is None:
+        if log.exists() and len(log.read_text().splitlines()) >= n:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the run did not get to step {n}: {process.communicate()}")
+
+
+@pytest.mark.parametrize("signum,torchrun", [(signal.SIGTERM, False), (signal.SIGINT, False), (signal.SIGTERM, True)],
+                         ids=["SIGTERM", "Ctrl-C", "SIGTERM-torchrun"])
+def test_a_signal_saves_the_step_reached_and_resume_repeats_the_uninterrupted_run(data_dir, tmp_path, signum,
+                                                                                    torchrun):
+    many = dict(max_steps=300, ckpt_interval=1000, eval_interval=1000, r=0.1)  # the switch at step 30
+    if torchrun:
+        many.update(batch_size=2)
+    full = tmp_path / "full"
+    train.main(settings(data_dir, full, **dict(many, batch_size=4)))
+    run = tmp_path / "run"
+    process = start(settings(data_dir, run, **many), tmp_path, torchrun)
+    wait_for_steps(run, 40, process)
+    process.send_signal(signum)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode != 0, (out, err)
+    if not torchrun:
+        assert process.returncode == 128 + signum and "Traceback" not in err, err
+    found = re.search(r"stopped by (SIG\w+) after step (\d+): saved (\S+); continue with: (.*)", out)
+    assert found, out + err
+    step = int(found.group(2))
+    assert found.group(1) == signum.name and 40 <= step < 299
+    assert Path(found.group(3)).name == f"ckpt_{step + 1:07d}.pt" and "--resume=True" in found.group(4)
+    assert [r["step"] for r in read_log(run)] == list(range(step + 1))
+    if torchrun:
+        assert re.match(r"torchrun --nproc_per_node=2 \S*train.py -- ", found.group(4)), found.group(4)
+        result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                 "--nproc_per_node=2", str(ROOT / "train.py"), "--",
+                                 *settings(data_dir, run, resume=True, **many)],
+                                capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert result.returncode == 0, result.stderr[-3000:]
+        resumed = read_log(run)
+        assert [r["step"] for r in resumed] == list(range(300))
+        # 2 ranks x 2 rows are the same global batch as 1 process x 4 rows: the same losses, to float round-off
+        assert all(abs(a["loss"] - b["loss"]) < 1e-4 for a, b in zip(resumed, read_log(full)))
+    else:
+        train.main(settings(data_dir, run, resume=True, **many))
+        assert same_steps(read_log(run), read_log(full))
+
+
+# -----------------------------------------------------------------------------
+# Branching: init_from
+
+def test_a_branch_with_unchanged_settings_repeats_the_original_runs_later_steps(data_dir, tmp_path, capsys):
+    original = tmp_path / "original"
+    train.main(settings(data_dir, original, reinit_at_switch=True))  # the switch draws random numbers: RNG travels
+    branch = tmp_path / "branch"
+    train.main(settings(data_dir, branch, reinit_at_switch=True, init_from=original / "ckpt_0000002.pt"))
+    assert "init_from" in capsys.readouterr().out
+    assert same_steps(read_log(branch), read_log(original)[2:])
+    a = torch.load(original / "ckpt.pt", weights_only=False)["model"]
+    b = torch.load(branch / "ckpt.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_branch_prints_what_changed_and_refuses_what_changes_the_checkpoints_meaning(data_dir, tmp_path, capsys):
+    original = tmp_path / "original"
+    train.main(settings(data_dir, original, max_steps=4))
+    train.main(settings(data_dir, tmp_path / "lower_lr", max_steps=4, lr=5e-3, init_from=original))  # a run dir
+    out = capsys.readouterr().out
+    assert "init_from" in out and "step 4" in out and "lr 0.01 -> 0.005" in out
+    with pytest.raises(UserError, match=r"dim: checkpoint 32, this run 64.*keeps the model's shape and the tokenizer"):
+        train.main(settings(data_dir, tmp_path / "wider", max_steps=4, dim=64, init_from=original / "ckpt.pt"))
+    with pytest.raises(UserError, match="another stream .*init_weights_only=True"):
+        train.main(settings(data_dir, tmp_path / "reseeded", max_steps=4, seed=7, init_from=original / "ckpt.pt"))
+
+
+def test_a_weights_only_branch_starts_at_step_0_from_the_checkpoints_weights(data_dir, tmp_path):
+    original = tmp_path / "original"
+    train.main(settings(data_dir, original, max_steps=4))
+    warm = tmp_path / "warm"
+    train.main(settings(data_dir, warm, max_steps=2, seed=7, init_from=original / "ckpt.pt", init_weights_only=True,
+                        lr=1e-9, warmup_steps=0))
+    log = read_log(warm)
+    assert [r["step"] for r in log] == [0, 1] and log[0]["positions"] == 4 * 16
+    a = torch.load(original / "ckpt.pt", weights_only=False)["model"]
+    b = torch.load(warm / "ckpt.pt", weights_only=False)["model"]
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)  # lr 1e-9: the weights barely move
+
+
+def test_extending_a_finished_run_says_what_happens_to_the_learning_rate(data_dir, tmp_path, capsys):
+    original = tmp_path / "original"
+    train.main(settings(data_dir, original, max_steps=10, decay_frac=0.5))
+    train.main(settings(data_dir, original, max_steps=10, decay_frac=0.5, resume=True))
+    assert "is complete" in capsys.readouterr().out  # and it says how to extend it
+    train.main(settings(data_dir, tmp_path / "longer", max_steps=20, decay_frac=0.5, init_from=original))
+    out = capsys.readouterr().out
+    assert re.search(r"max_steps 10 -> 20: the learning-rate schedule .* step 10 runs at lr 0\.01; the original's "
+                     r"last step ran at 0\.002; the decay now starts at step 10", out), out
+    assert [r["step"] for r in read_log(tmp_path / "longer")] == list(range(10, 20))
+
+
+# -----------------------------------------------------------------------------
+# One live run per out_dir
+
+def test_a_second_run_in_a_live_runs_out_dir_is_refused_and_a_dead_runs_lock_is_not(data_dir, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    held = checkpoint.lock(run)  # as a live run holds it
+    try:
+        with pytest.raises(UserError, match=rf"out_dir={re.escape(str(run))} is in use by a live run \(pid "
+                                            rf"{os.getpid()} on "):
+            train.main(settings(data_dir, run, max_steps=2))
+        with pytest.raises(UserError, match="in use by a live run"):
+            train.main(settings(data_dir, run, max_steps=2, resume=True))
+    finally:
+        held.close()  # the live run ends; its lock file stays behind, stale
+    assert (run / "run.lock").exists()
+    train.main(settings(data_dir, run, max_steps=2))
+
+
+# -----------------------------------------------------------------------------
+# A full disk under FSDP
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("needs to mount a tmpfs (root)")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)])
+
+
+def test_a_full_disk_under_fsdp_is_one_line_on_every_rank_and_leaves_nothing_behind(data_dir, tmp_path, tiny_disk):
+    run = tiny_disk / "run"
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(ROOT / "train.py"), "--", *settings(data_dir, run, fsdp=True, max_steps=4)],
+                            capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr[-3000:]
+    assert re.fullmatch(r"error: saving checkpoint \S+ckpt_0000001.pt \(step 1\) failed: no space left on device; "
+                        r"this run has no checkpoint yet: free space and start it again", errors[0]), errors[0]
+    # torchrun's launcher reports failed workers with a traceback of its own; the workers print none
+    assert "CheckpointException" not in result.stderr and result.stderr.count("Traceback (most recent") <= 1
+    assert "terminate called" not in result.stderr  # every rank exits cleanly, with status 1
+    assert not list(run.glob("*.tmp")) and not list(run.glob("ckpt_*"))
+
+
+# -----------------------------------------------------------------------------
+# Samples, trackers, the console
+
+def test_samples_are_printed_and_logged_and_change_nothing_else(data_dir, tmp_path, capsys):
+    train.main(settings(data_dir, tmp_path / "plain"))
+    train.main(settings(data_dir, tmp_path / "sampled", sample_interval=5, sample_prompt="document", sample_tokens=8,
+                        sample_temperature=0.8))
+    out = capsys.readouterr().out
+    assert re.search(r"sample at step 4: 'document.*'", out)
+    sampled = read_log(tmp_path / "sampled")
+    assert [r["step"] for r in sampled if "sample" in r] == [2, 4, 9]  # every 5 steps, the switch, the end
+    assert all(r["sample"].startswith("document") for r in sampled if "sample" in r)
+    assert same_steps(sampled, read_log(tmp_path / "plain"))  # training's random numbers are untouched
+
+
+class Recorder(types.ModuleType):
+    """A stand-in for wandb: records its calls."""
+
+    def __init__(self):
+        super().__init__("wandb")
+        self.calls = []
+
+    def init(self, **kwargs):
+        self.calls.append(("init", kwargs))
+
+    def log(self, record, step):
+        self.calls.append(("log", step, record))
+
+    def finish(self):
+        self.calls.append(("finish",))
+
+
+def test_every_log_record_goes_to_wandb_when_asked(data_dir, tmp_path, monkeypatch):
+    wandb = Recorder()
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    train.main(settings(data_dir, tmp_path / "run", wandb_project="tst-tests", wandb_run_name="tiny"))
+    assert wandb.calls[0][0] == "init" and wandb.calls[0][1]["project"] == "tst-tests"
+    assert wandb.calls[0][1]["name"] == "tiny" and wandb.calls[0][1]["config"]["lr"] == 1e-2
+    logged = [call for call in wandb.calls if call[0] == "log"]
+    log = read_log(tmp_path / "run")
+    assert [step for _, step, _ in logged] == [r["step"] for r in log]
+    for (_, _, record), line in zip(logged, log):
+        assert record["loss"] == line["loss"] and record.get("val_loss") == line.get("val_loss")
+    assert wandb.calls[-1] == ("finish",)
+
+
+def test_tensorboard_gets_every_number_of_the_log(data_dir, tmp_path, monkeypatch):
+    scalars = []
+
+    class SummaryWriter:
+        def __init__(self, folder):
+            self.folder = folder
+
+        def add_scalar(self, key, value, step):
+            scalars.append((key, value, step))
+
+        def close(self):
+            scalars.append("closed")
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=SummaryWriter))
+    train.main(settings(data_dir, tmp_path / "run", tensorboard=True, max_steps=3))
+    log = read_log(tmp_path / "run")
+    assert ("loss", log[2]["loss"], 2) in scalars and ("val_loss", log[2]["val_loss"], 2) in scalars
+    assert scalars[-1] == "closed"
+
+
+@pytest.mark.parametrize("setting,module,message", [
+    ("--wandb_project=x", "wandb", "wandb_project is set but wandb is not installed: pip install wandb"),
+    ("--tensorboard=True", "torch.utils.tensorboard", "tensorboard=True but tensorboard is not installed"),
+])
+def test_a_tracker_that_is_not_installed_is_one_line_before_any_step(data_dir, tmp_path, setting, module, message):
+    script = (f"import sys; sys.modules[{module!r}] = None; sys.argv[0] = 'train.py'; sys.path.insert(0, {str(ROOT)!r})"
+              f"; import cli, train; cli.run(train.main)")
+    result = subprocess.run([sys.executable, "-c", script, *settings(data_dir, tmp_path / "run"), setting],
+                            capture_output=True, text=True)
+    assert result.returncode == 1 and result.stderr.strip().startswith(f"error: {message}"), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "run" / "ckpt.pt").exists()
+
+
+def test_the_console_shows_progress_and_a_baseline_has_no_phase(data_dir, tmp_path, capsys):
+    train.main(settings(data_dir, tmp_path / "tst"))
+    out = capsys.readouterr().out
+    assert re.search(r"step  0/10 \| phase 1: s=4, MCE \| loss \d\.\d{4} \|.* pos/s, .* data tok/s \| \d+ ms \| "
+                     r"0:\d\d elapsed, ETA 0:\d\d", out), out
+    assert "step  3/10 | phase 2 |" in out
+    train.main(settings(data_dir, tmp_path / "baseline", s=1, r=0.0))
+    out = capsys.readouterr().out
+    assert "step  3/10 | loss" in out and "phase" not in out
+    assert "positions_per_sec" in read_log(tmp_path / "baseline")[0] and "tokens_per_sec" not in read_log(
+        tmp_path / "baseline")[0]
