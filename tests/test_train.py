@@ -412,6 +412,16 @@ def test_reinit_at_switch_replaces_embedding_and_head_only(data_dir, tmp_path):
             assert changed == (reinit and key in ("embed.weight", "lm_head.weight")), key
 
 
+def test_reinit_at_switch_under_fsdp_draws_the_whole_tensor_not_one_per_shard(data_dir, tmp_path):
+    # two steps, the switch after the first, lr too small to move anything: the final weights are the re-drawn ones
+    args = dict(max_steps=2, r=0.5, lr=1e-9, warmup_steps=0, reinit_at_switch=True, eval_interval=100)
+    sharded = torchrun(tmp_path, settings(data_dir, tmp_path / "fsdp", fsdp=True, **args))[0]
+    single = train.main(settings(data_dir, tmp_path / "single", **args)).state_dict()
+    for key in ("embed.weight", "lm_head.weight"):  # 257 rows: shards of 129 and 128 rows
+        torch.testing.assert_close(sharded[key], single[key], atol=1e-6, rtol=0)
+        assert not torch.allclose(sharded[key][:128], sharded[key][129:], atol=1e-3)  # no shard repeats another
+
+
 def test_reinit_at_switch_drops_the_moments_of_what_it_replaces(data_dir, tmp_path):
     _, after = switch_run(data_dir, tmp_path / "run", reinit_at_switch=True)
     steps = [int(v["step"]) for v in after["optimizer"]["state"].values()]
