@@ -165,7 +165,7 @@ def newest(out_dir):
 def verify(path):
     """Check a checkpoint's checksums before it is read; a UserError names a damaged file and the checkpoints beside
     it to fall back to. Under torch.distributed the ranks share the work."""
-    path = Path(path)
+    path = Path(path).resolve()  # RUN/ckpt.pt: name the checkpoint it links to, and the ones beside it
     bad = None
     if path.is_dir():
         listed = path / CHECKSUMS

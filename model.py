@@ -31,7 +31,7 @@ import torch.nn.functional as F
 import tst  # TST
 
 LLAMA3_VOCAB = 128_256
-HEAD_CHUNK_LOGITS = 2**25  # chunked_loss makes at most this many logits at a time (128 MiB in float32)
+HEAD_CHUNK_LOGITS = 2**26  # chunked_loss makes at most this many logits at a time (256 MiB in float32)
 BALANCE = ("aux", "bias", "none")
 EXPERTS_IMPL = ("auto", "loop", "grouped")
 # torch's grouped GEMM: public in recent releases, private (CUDA sm90 only) before. The CPU build of torch 2.13
@@ -175,7 +175,7 @@ class ModelConfig:
         return positions * (self.n_layers * (attention + mlp) + head)
 
 
-# The paper's shapes (METHOD.md): SmolLM2 / SmolLM3 shapes run through Llama-3 code with the Llama-3
+# The paper's shapes (docs/METHOD.md): SmolLM2 / SmolLM3 shapes run through Llama-3 code with the Llama-3
 # tokenizer, untied. With full multi-head attention the two small ones count 267M and 600M, which is what
 # the paper's names say; SmolLM2's own grouped KV heads (3 and 5) would give 254M and 561M. The 3B keeps
 # SmolLM3's 4 KV heads and counts 3.34B ("3B" is a label).

@@ -731,17 +731,22 @@ def print_banner(run):
 # -----------------------------------------------------------------------------
 # Preemption: SIGTERM (what a cluster sends before it kills a job) and Ctrl-C finish the step, save, and stop
 
-def catch_stop_signals():
-    """Returns the list that SIGTERM and SIGINT append to. A second Ctrl-C stops at once."""
+@contextlib.contextmanager
+def stop_signals():
+    """Within: SIGTERM and SIGINT append to the list it yields (a second Ctrl-C stops at once). The handlers that were
+    there before come back after, so that processes started later (data.py's tokenizer pool) die on SIGTERM."""
     received = []
 
     def handler(signum, frame):
         if signum == signal.SIGINT and received:
             raise KeyboardInterrupt
         received.append(signum)
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, handler)
-    return received
+    before = {signum: signal.signal(signum, handler) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield received
+    finally:
+        for signum, previous in before.items():
+            signal.signal(signum, previous)
 
 
 def stop(run, done, signum, path):
@@ -796,9 +801,9 @@ def plan(config, world):
         print(f"data: {config['data_dir']} is missing; for one pass it must hold {total_data:,} train tokens "
               f"({total_data / GB:.1f}B): python data.py --source {config['data_source']} --tokenizer "
               f"{config['tokenizer']} --out_dir {config['data_dir']} --max_tokens {total_data:.3g}")
-    cuda = config["device"] == "cuda" or (config["device"] == "auto" and torch.cuda.is_available())
-    dtype_bytes = 2 if config["dtype"] == "bfloat16" or (config["dtype"] == "auto" and cuda) else 4
-    plan_memory(config, cfg, n, world, B * T, dtype_bytes)
+    # dtype auto is planned as on a GPU (bf16), where the runs a plan is for happen; --dtype=float32 plans a CPU run
+    on_cpu = config["device"] == "cpu" or config["dtype"] == "float32"
+    plan_memory(config, cfg, n, world, B * T, 4 if on_cpu else 2)
 
 
 def plan_memory(config, cfg, n, world, positions, dtype_bytes):
@@ -861,31 +866,31 @@ def main(argv):
 def train(run):
     """The loop: a step, its evaluation, log lines and checkpoint; a stop signal saves and exits. -> the last record."""
     config = run.config
-    received = catch_stop_signals()
     started, record = time.time(), None
-    for step in range(run.start_step, config["max_steps"]):
-        run.schedule.begin_step(step, run.raw_model, run.optimizer, announce=run.master)  # TST: a new stage?
-        record, stop_now = train_step(run, step, stop_requested=bool(received))
-        done = step + 1
-        milestone = done == config["max_steps"]
-        milestone = milestone or done in run.schedule.boundaries  # TST: evaluate and save at every switch
-        if done % config["eval_interval"] == 0 or milestone:
-            record["val_loss"] = evaluate(run)
-        if config["sample_interval"] and (done % config["sample_interval"] == 0 or milestone):
-            record["sample"] = sample(run, step)
-        if run.master:
-            log_record(run, record)
-            if step % config["log_interval"] == 0 or "val_loss" in record:
-                print_record(run, record, time.time() - started, done - run.start_step)
-            if "sample" in record:
-                print(f"sample at step {step}: {record['sample']!r}")
-        path = None
-        if done % config["ckpt_interval"] == 0 or milestone:
-            path = save(run, done)
-            if run.master and done in run.keep_steps:
-                print(f"saved {path}, kept for good")
-        if stop_now and done < config["max_steps"]:
-            stop(run, done, received[0] if received else 0, path or save(run, done))
+    with stop_signals() as received:
+        for step in range(run.start_step, config["max_steps"]):
+            run.schedule.begin_step(step, run.raw_model, run.optimizer, announce=run.master)  # TST: a new stage?
+            record, stop_now = train_step(run, step, stop_requested=bool(received))
+            done = step + 1
+            milestone = done == config["max_steps"]
+            milestone = milestone or done in run.schedule.boundaries  # TST: evaluate and save at every switch
+            if done % config["eval_interval"] == 0 or milestone:
+                record["val_loss"] = evaluate(run)
+            if config["sample_interval"] and (done % config["sample_interval"] == 0 or milestone):
+                record["sample"] = sample(run, step)
+            if run.master:
+                log_record(run, record)
+                if step % config["log_interval"] == 0 or "val_loss" in record:
+                    print_record(run, record, time.time() - started, done - run.start_step)
+                if "sample" in record:
+                    print(f"sample at step {step}: {record['sample']!r}")
+            path = None
+            if done % config["ckpt_interval"] == 0 or milestone:
+                path = save(run, done)
+                if run.master and done in run.keep_steps:
+                    print(f"saved {path}, kept for good")
+            if stop_now and done < config["max_steps"]:
+                stop(run, done, received[0] if received else 0, path or save(run, done))
     return record
 
 

@@ -138,15 +138,15 @@ def mce_loss(logits, targets, weights, column_counts=None):
 
     logits (..., V), float32; targets (..., s) with IGNORE_INDEX where a bag has no token; weights (s,). CE_i is the
     mean cross-entropy logsumexp(z) - z[y_i] over the valid entries of target column i; a column without one drops
-    out. Every CE_i shares the log-normaliser, so one logsumexp serves all s targets: the cost of one cross-entropy at
-    any s (the paper's loop of s cross-entropies costs s times that). With s = 1 this is F.cross_entropy.
+    out. Every CE_i shares the log-normaliser, so one log-softmax serves all s targets: the cost of one cross-entropy
+    at any s (the paper's loop of s cross-entropies costs s times that). With s = 1 this is F.cross_entropy.
     column_counts (s,): the valid entries of each column in the whole micro-batch when `logits` are a chunk of its
     positions (model.py passes them); the chunk's share is returned, and the shares add up to the loss.
     """
     logits, targets = logits.reshape(-1, logits.size(-1)), targets.reshape(-1, targets.size(-1))
     valid = targets != IGNORE_INDEX
     counts = valid.sum(0) if column_counts is None else column_counts
-    nll = torch.logsumexp(logits, dim=-1, keepdim=True) - logits.gather(1, targets.masked_fill(~valid, 0))  # (N, s)
+    nll = -torch.log_softmax(logits, dim=-1).gather(1, targets.masked_fill(~valid, 0))  # (N, s): lse - z[y_i]
     w = weights.to(logits.device) * (counts > 0)
     return ((nll * valid).sum(0) / counts.clamp(min=1) * w).sum() / w.sum()
 

@@ -1,4 +1,4 @@
-# The paper's 270M dense baseline (METHOD.md): the SmolLM2-135M shape through Llama-3 code with the Llama-3
+# The paper's 270M dense baseline (docs/METHOD.md): the SmolLM2-135M shape through Llama-3 code with the Llama-3
 # tokenizer (128,256 ids) and an untied LM head, full multi-head attention (that is what lands on 270M);
 # DCLM; 20k steps of 2M tokens; AdamW (0.9, 0.95); WSD with 2000 warm-up steps and a 10% decay; lr 2e-3.
 # Prepare the data first (README, "Data"), then: torchrun --nproc_per_node=8 train.py config/270m_baseline.py
@@ -17,10 +17,7 @@ rope_theta = 500000.0
 max_seq_len = 2048
 
 seq_len = 2048
-# rows per GPU per micro-step; gradient accumulation fills the 2M-token batch. The loss no longer holds the 128,256-
-# wide logits (model.head_loss), which took about 25 of the 40 GiB measured at 8 rows on an H100: 16 rows should fit
-# in 80 GB (an estimate: not measured since)
-batch_size = 16
+batch_size = 16  # rows per GPU per micro-step (--plan estimates the memory); accumulation fills the 2M-token batch
 global_batch_tokens = 2097152  # 1024 rows of 2048 positions
 max_steps = 20000
 lr = 2e-3

@@ -1,10 +1,8 @@
 # The GPU pair long enough to recover from the switch (config/books_tst.py is the other run): an 8-layer, d 512 model
 # (26M non-embedding parameters, GPT-2 tokenizer, untied) on the English books of ../shared/data/corpus (30.6M train
-# tokens), about 4 minutes a run on one H100 including 40-60 s of compilation. The arithmetic: 16 rows x 1,024 =
-# 16,384 positions per step x 4,000 steps = 65.5M positions = 117 s at the 560k positions/s measured for this model
-# (21% MFU, compile; smaller steps may run slower: 400k/s would still fit, 164 s). The baseline reads 65.5M data
-# tokens, 2.1 epochs of the books; books_tst.py reads 81.9M, 2.7 epochs. bench/books_pair.sh prepares the data,
-# trains both, scores both on the whole validation split and prints the comparison. The data by hand:
+# tokens), 4,000 steps of 16 rows x 1,024 positions = 65.5M positions. The baseline reads 65.5M data tokens (2.1 epochs
+# of the books), books_tst.py 81.9M (2.7 epochs). bench/books_pair.sh prepares the data, trains both, scores both on
+# the whole validation split and prints the comparison. The data by hand:
 #   TIKTOKEN_CACHE_DIR=../shared/data/tiktoken_cache python data.py --source '../shared/data/corpus/train.jsonl.xz' \
 #       --tokenizer gpt2 --out_dir data/books_gpt2
 out_dir = "out/books_baseline"
@@ -24,7 +22,7 @@ seq_len = 1024
 batch_size = 16
 global_batch_tokens = 16384  # one micro-batch per step: many small steps, so that 3,000 follow the switch
 max_steps = 4000
-lr = 2e-3  # 3e-3 was fine at 131k positions per step; this step is 8x smaller (not tuned)
+lr = 2e-3  # not tuned
 warmup_steps = 200
 decay_frac = 0.2
 

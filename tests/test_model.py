@@ -89,7 +89,7 @@ def test_causal_changing_a_later_input_never_changes_earlier_logits(bags):
 def test_a_bag_input_is_order_free_within_the_bag():
     m = tiny()
     x = torch.randint(0, 61, (1, 6, 4))
-    torch.testing.assert_close(m(x), m(x.flip(-1)))  # no position inside a bag (METHOD.md step 3)
+    torch.testing.assert_close(m(x), m(x.flip(-1)))  # no position inside a bag (docs/METHOD.md, step 3)
 
 
 def test_one_module_serves_both_phases():

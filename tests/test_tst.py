@@ -1,4 +1,4 @@
-"""The method, stated as properties of tst.py (METHOD.md, phase 1 steps 1-6)."""
+"""The method, stated as properties of tst.py (docs/METHOD.md, phase 1 steps 1-6)."""
 
 import functools
 import math
