@@ -1,12 +1,14 @@
-"""eval.py: multiple choice scored as lm-evaluation-harness scores it, held-out loss, results, export."""
+"""eval.py: multiple choice scored as lm-evaluation-harness scores it (prompts from tools/tasks.py), held-out loss,
+the results file, and every user mistake ending in one line."""
 
-import functools
 import json
 import math
 import os
 import re
 import subprocess
 import sys
+import zipfile
+import zlib
 from pathlib import Path
 
 import pytest
@@ -15,8 +17,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import checkpoint
 import eval as E
-from data import get_tokenizer
+import tools.tasks as T
+from cli import UserError
 from model import ModelConfig, Transformer
 
 LN = math.log
@@ -114,8 +118,8 @@ def test_a_continuation_longer_than_the_window_is_refused_or_truncated_on_reques
     model, tok = BigramModel(P, max_seq_len=3), CharTok(" ab")
     docs = [{"context": "ab", "choices": ["a", "bbb"], "gold": 0},  # " a" is 2 tokens, " bbb" 4
             {"context": "a", "choices": ["aaaaa", "b"], "gold": 1}]  # " aaaaa" is 6
-    with pytest.raises(E.UserError, match=r"^toy: 2 of 4 requests have a continuation longer than the model's "
-                                          r"window of 3 tokens \(the longest: 6\): pass --truncate_long"):
+    with pytest.raises(UserError, match=r"^toy: 2 of 4 requests have a continuation longer than the model's "
+                                        r"window of 3 tokens \(the longest: 6\): pass --truncate_long"):
         E.task_requests(tok, "toy", docs, 3)
     pairs, truncated = E.task_requests(tok, "toy", docs, 3, truncate_long=True)
     assert truncated == 2
@@ -129,7 +133,7 @@ def test_a_continuation_longer_than_the_window_is_refused_or_truncated_on_reques
 
 
 def test_winogrande_scores_the_shared_suffix_after_each_filled_context():
-    doc = E.winogrande_doc({"sentence": "ab _ b.", "option1": "a", "option2": "b", "answer": "2"})
+    doc = T.winogrande_doc({"sentence": "ab _ b.", "option1": "a", "option2": "b", "answer": "2"})
     assert doc == {"choices": ["ab a", "ab b"], "target": "b.", "gold": 1}
     assert E.doc_requests(doc) == [("ab a", " b."), ("ab b", " b.")]
 
@@ -197,7 +201,7 @@ HUB_ROWS = {
 @pytest.mark.parametrize("task", sorted(HUB_ROWS))
 def test_prompt_from_the_original_dataset_row(task):
     row, context, first_choice, gold = HUB_ROWS[task]
-    doc = E.HUB[task][3](row)
+    doc = T.HUB[task][3](row)
     assert doc["context"] == context
     assert doc["choices"][0] == first_choice
     assert doc["gold"] == gold
@@ -213,14 +217,14 @@ def test_hub_datasets_are_the_harness_splits(monkeypatch):
         return [HUB_ROWS["hellaswag"][0]]
 
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
-    assert E.load_task("hellaswag")[0]["context"] == HUB_ROWS["hellaswag"][1]
+    assert T.load_task("hellaswag")[0]["context"] == HUB_ROWS["hellaswag"][1]
     assert calls == [("Rowan/hellaswag", None, "validation")]
 
 
 def test_hellaswag_cleaning_of_wikihow_markers():
     row = {"activity_label": "Personal Care and Style", "ctx_a": "[header] How to buy a band [title] Find a ring.",
            "ctx_b": "", "endings": ["[step] Go to [www.x.org] now.", "b", "c", "d"], "label": "0"}
-    doc = E.hellaswag_doc(row)
+    doc = T.hellaswag_doc(row)
     assert doc["context"] == "Personal Care and Style: How to buy a band. Find a ring."
     # the harness strips before it removes markers, so a leading marker leaves a space (kept, as there)
     assert doc["choices"][0] == " Go to now."
@@ -249,18 +253,18 @@ LOCAL_FIRST = {
 @pytest.mark.parametrize("task", sorted(LOCAL_FIRST))
 def test_prompt_from_the_offline_copy(task, shared_data):
     context, first_choice, gold = LOCAL_FIRST[task]
-    doc = E.load_task(task, shared_data / "evals", limit=1)[0]
+    doc = T.load_task(task, shared_data / "evals", limit=1)[0]
     assert (doc["context"], doc["choices"][0], doc["gold"]) == (context, first_choice, gold)
 
 
 def test_offline_boolq_and_winogrande(shared_data):
-    boolq = E.load_task("boolq", shared_data / "evals", limit=1)[0]
+    boolq = T.load_task("boolq", shared_data / "evals", limit=1)[0]
     assert boolq["context"].startswith("All biomass goes through at least some of these steps:")
     assert boolq["context"].endswith("\nQuestion: does ethanol take more energy make that produces?\nAnswer:")
     assert (boolq["choices"], boolq["gold"]) == (["no", "yes"], 0)
-    wino = E.load_task("winogrande", shared_data / "evals", limit=1)[0]
+    wino = T.load_task("winogrande", shared_data / "evals", limit=1)[0]
     # the same document as the original row, through the harness's partial scoring
-    original = E.winogrande_doc({"sentence": "Sarah was a much better surgeon than Maria so _ always got the easier "
+    original = T.winogrande_doc({"sentence": "Sarah was a much better surgeon than Maria so _ always got the easier "
                                              "cases.", "option1": "Sarah", "option2": "Maria", "answer": "2"})
     assert wino == original
     assert E.doc_requests(wino)[1] == ("Sarah was a much better surgeon than Maria so Maria",
@@ -268,7 +272,7 @@ def test_offline_boolq_and_winogrande(shared_data):
 
 
 def test_limit_applies_to_each_mmlu_subject(shared_data):
-    docs = E.load_task("mmlu", shared_data / "evals", limit=2)
+    docs = T.load_task("mmlu", shared_data / "evals", limit=2)
     assert len(docs) == 2 * 57
     assert docs[0]["subject"] == docs[1]["subject"] != docs[2]["subject"]
 
@@ -304,7 +308,7 @@ def test_token_bytes_add_up_to_the_utf8_length_of_the_text():
 
 
 # ---------------------------------------------------------------------------
-# Results file, checkpoints, bad input
+# Results file, checkpoints, the command line
 
 def test_results_json_merges_tasks_of_one_step(tmp_path):
     path = tmp_path / "eval_step7.json"
@@ -317,51 +321,23 @@ def test_results_json_merges_tasks_of_one_step(tmp_path):
                               {"task": "piqa", "metric": "acc", "value": 0.75, "stderr": 0.1, "n": 10, "step": 7}]
 
 
-def tiny_checkpoint(tmp_path, step=3, tokenizer="bytes", **cfg):
+def train_state(step, model, tokenizer="bytes", data_dir="data"):
+    """What train.py saves beside the weights (config: the keys eval.py reads)."""
+    config = {"tokenizer": tokenizer, "data_dir": str(data_dir), "seq_len": 32, "batch_size": 2, "eval_tokens": 96}
+    return {"config": config, "model_config": model.cfg.to_dict(), "step": step, "loader": {}, "totals": {},
+            "rng": []}
+
+
+def tiny_checkpoint(tmp_path, step=3, tokenizer="bytes", data_dir=None, **cfg):
+    """A checkpoint as train.py writes it, of a small random model: (tmp_path/ckpt.pt, the model)."""
     cfg = ModelConfig(**{"vocab_size": 257, "dim": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2,
                          "ffn_dim": 64, "max_seq_len": 64, **cfg})
     torch.manual_seed(0)
     model = Transformer(cfg)
-    path = tmp_path / "ckpt.pt"
-    config = {"tokenizer": tokenizer, "data_dir": str(tmp_path / "data"), "seq_len": 32, "batch_size": 2,
-              "eval_tokens": 96}
-    torch.save({"model": model.state_dict(), "model_config": cfg.to_dict(), "step": step, "config": config}, path)
-    return path, model
-
-
-@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
-def test_an_fsdp_checkpoint_folder_loads_like_a_file(tmp_path):
-    import torch.distributed.checkpoint as dcp
-    path, model = tiny_checkpoint(tmp_path, tie_embeddings=True)
-    ckpt = torch.load(path, weights_only=False)
-    # what train.py writes with fsdp: the sharded model and optimizer, the rest in train_state.pt
-    dcp.save({"model": ckpt.pop("model"), "optimizer": {"state": {}}}, checkpoint_id=tmp_path / "ckpt_000003.pt")
-    torch.save(ckpt, tmp_path / "ckpt_000003.pt" / "train_state.pt")
-    loaded, got = E.load_checkpoint(tmp_path / "ckpt_000003.pt")
-    assert got["step"] == 3
-    x = torch.randint(0, 257, (1, 8))
-    assert torch.equal(loaded(x), model.eval()(x))
-
-
-def test_unknown_task_name():
-    with pytest.raises(E.UserError, match="unknown task 'hellaswagg'; tasks: hellaswag, arc_easy"):
-        E.load_task("hellaswagg", "/nowhere")
-
-
-def test_missing_dataset_file(tmp_path):
-    with pytest.raises(E.UserError, match="piqa: no .*piqa/valid.jsonl"):
-        E.load_task("piqa", tmp_path)
-
-
-def test_checkpoint_of_the_wrong_kind(tmp_path):
-    torch.save({"state_dict": {}}, tmp_path / "other.pt")
-    with pytest.raises(E.UserError, match=r"not a checkpoint saved by train.py: expected a dict with keys"):
-        E.load_checkpoint(tmp_path / "other.pt")
-    path, _ = tiny_checkpoint(tmp_path)
-    ckpt = torch.load(path, weights_only=False)
-    torch.save({**ckpt, "model_config": {**ckpt["model_config"], "no_rope_layers": []}}, path)
-    with pytest.raises(E.UserError, match=r"another version of model.py: its model_config has \['no_rope_layers'\]"):
-        E.load_checkpoint(path)
+    state = train_state(step, model, tokenizer, tmp_path / "data" if data_dir is None else data_dir)
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    checkpoint.save(tmp_path, step, model, torch.optim.AdamW(model.parameters()), state)
+    return tmp_path / "ckpt.pt", model
 
 
 def offline_evals(tmp_path, winogrande_continuation):
@@ -377,18 +353,81 @@ def offline_evals(tmp_path, winogrande_continuation):
     return data
 
 
-def test_cli_scores_offline_tasks_and_writes_results_into_the_run_folder(tmp_path, monkeypatch, capsys):
+def test_cli_scores_offline_tasks_and_writes_results_into_the_run_folder(tmp_path, capsys):
     path, _ = tiny_checkpoint(tmp_path, step=42)
     data = offline_evals(tmp_path, "purred.")
-    monkeypatch.setattr(sys, "argv", ["eval.py", "--ckpt", str(path), "--tasks", "arc_easy,winogrande",
-                                      "--data_dir", str(data), "--device", "cpu"])
-    E.main()
+    E.main(["--ckpt", str(path), "--tasks", "arc_easy,winogrande", "--data_dir", str(data), "--device", "cpu"])
     out = json.load(open(tmp_path / "eval_step42.json"))
     assert out["step"] == 42 and out["tokenizer"] == "bytes" and out["bos_prepended"] is False
     assert [(r["task"], r["metric"], r["n"], r["step"], r["data"]) for r in out["results"]] == [
         ("arc_easy", "acc", 1, 42, str(data)), ("arc_easy", "acc_norm", 1, 42, str(data)),
         ("winogrande", "acc", 1, 42, str(data)), ("winogrande", "acc_norm", 1, 42, str(data))]
     assert "bytes tokenizer: no BOS" in capsys.readouterr().out
+    # with --limit, a file of its own: a partial score never replaces a full one
+    E.main(["--ckpt", str(path), "--tasks", "arc_easy", "--data_dir", str(data), "--limit", "1", "--device", "cpu"])
+    assert [r["task"] for r in json.load(open(tmp_path / "eval_step42_limit1.json"))["results"]] == ["arc_easy"] * 2
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_an_fsdp_checkpoint_folder_is_scored_like_a_file(tmp_path):
+    import torch.distributed.checkpoint as dcp
+    _, model = tiny_checkpoint(tmp_path / "file", tie_embeddings=True)
+    # what train.py writes with fsdp: the sharded model and optimizer, train_state.pt, and every file's CRC-32
+    folder = tmp_path / "ckpt_0000003.pt"
+    dcp.save({"model": model.state_dict(), "optimizer": {"state": {}}}, checkpoint_id=folder)
+    torch.save(train_state(3, model), folder / "train_state.pt")
+    (folder / "checksums.json").write_text(json.dumps({f.name: zlib.crc32(f.read_bytes()) for f in folder.iterdir()}))
+    data = offline_evals(tmp_path, "purred.")
+    for ckpt in (tmp_path / "file" / "ckpt.pt", folder):
+        E.main(["--ckpt", str(ckpt), "--tasks", "winogrande", "--data_dir", str(data), "--device", "cpu"])
+    # the folder's results lie beside it, in the run's folder, as a file's do
+    file, sharded = (json.load(open(d / "eval_step3.json"))["results"] for d in (tmp_path / "file", tmp_path))
+    assert [r["value"] for r in sharded] == [r["value"] for r in file]
+
+
+def test_a_checkpoint_of_the_wrong_kind_is_refused(tmp_path):
+    torch.save({"state_dict": {}}, tmp_path / "other.pt")
+    with pytest.raises(UserError, match=r"other.pt is not a checkpoint written by train.py: it lacks \['config'"):
+        E.main(["--ckpt", str(tmp_path / "other.pt")])
+    path, _ = tiny_checkpoint(tmp_path)
+    state = torch.load(path, weights_only=False)
+    torch.save({**state, "model_config": {**state["model_config"], "no_rope_layers": []}}, path)
+    with pytest.raises(UserError, match=r"another version of model.py: its model_config has \['no_rope_layers'\]"):
+        E.main(["--ckpt", str(path)])
+
+
+@pytest.mark.parametrize("tasks, message", [
+    (",", "--tasks ',': an empty task name; give comma-separated names from hellaswag, arc_easy, "),
+    ("", "--tasks '': an empty task name"),
+    ("piqa,,boolq", "--tasks 'piqa,,boolq': an empty task name"),
+    ("piqa,hellaswagg", "--tasks 'piqa,hellaswagg': unknown task 'hellaswagg'; give comma-separated names from "
+                        "hellaswag, arc_easy, arc_challenge, piqa, winogrande, boolq, openbookqa, mmlu, or all"),
+])
+def test_task_names_are_checked_before_the_checkpoint_is_read(tasks, message):
+    with pytest.raises(UserError, match="^" + re.escape(message)):
+        E.main(["--ckpt", "nowhere/ckpt.pt", "--tasks", tasks, "--device", "cpu"])
+
+
+def test_unknown_task_name():
+    with pytest.raises(UserError, match="unknown task 'hellaswagg'; tasks: hellaswag, arc_easy"):
+        T.load_task("hellaswagg", "/nowhere")
+
+
+def test_missing_dataset_file(tmp_path):
+    with pytest.raises(UserError, match="piqa: no .*piqa/valid.jsonl"):
+        T.load_task("piqa", tmp_path)
+
+
+def test_an_unreachable_hub_says_to_pass_data_dir(monkeypatch):
+    import datasets
+
+    def offline(path, name, split):  # what datasets raises without a network, after its retries
+        raise ConnectionError(f"Couldn't reach '{path}' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(UserError, match=r"^piqa: the Hugging Face hub is unreachable \(Couldn't reach 'baber/piqa' "
+                                        r"on the Hub \(LocalEntryNotFoundError\)\): pass --data_dir DIR"):
+        T.load_task("piqa")
 
 
 def prepare_val_split(tmp_path):
@@ -404,9 +443,9 @@ def prepare_val_split(tmp_path):
 def test_cli_heldout_loss_reads_the_rows_of_train_pys_val_loss_or_the_whole_split(tmp_path, monkeypatch):
     import data
     n_val = prepare_val_split(tmp_path)
-    path, model = tiny_checkpoint(tmp_path, step=5)
-    monkeypatch.setattr(sys, "argv", ["eval.py", "--ckpt", str(path), "--device", "cpu"])
-    E.main()
+    path, model = tiny_checkpoint(tmp_path, step=5, data_dir="data")  # relative, as train.py records data_dir=data
+    monkeypatch.chdir(tmp_path)  # the folder training ran in
+    E.main(["--ckpt", str(path), "--device", "cpu"])
     got = {r["metric"]: r for r in json.load(open(tmp_path / "eval_step5.json"))["results"]}
     # the rows train.py's val_loss reads: eval_tokens=96 positions, 3 rows of seq_len=32 from the split's start
     rows = data.validation_rows(tmp_path / "data", 32, 3)
@@ -419,9 +458,7 @@ def test_cli_heldout_loss_reads_the_rows_of_train_pys_val_loss_or_the_whole_spli
     # the whole split: every token but the first is scored once, the last partial row included
     val = torch.from_numpy(data.read_shard(tmp_path / "data" / "val_000000.bin").astype("int64"))
     assert len(val) == n_val and (n_val - 1) % 32 != 0
-    monkeypatch.setattr(sys, "argv", ["eval.py", "--ckpt", str(path), "--device", "cpu", "--loss_tokens", "all",
-                                      "--batch_size", "64"])
-    E.main()
+    E.main(["--ckpt", str(path), "--device", "cpu", "--loss_tokens", "all", "--batch_size", "64"])
     whole = {r["metric"]: r for r in json.load(open(tmp_path / "eval_step5.json"))["results"]
              if r["task"] == "heldout_val_all"}
     assert whole["loss"]["n"] == n_val - 1
@@ -435,11 +472,22 @@ def test_cli_heldout_loss_reads_the_rows_of_train_pys_val_loss_or_the_whole_spli
     assert len(rows[-1]) < 33 and summed == pytest.approx(by_hand, rel=1e-5)
 
 
+def test_a_relative_data_dir_looked_for_from_elsewhere_names_the_cause(tmp_path, monkeypatch):
+    path, _ = tiny_checkpoint(tmp_path, data_dir="data/books_gpt2")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    # not "prepare the data first": the folder exists, only not from here
+    with pytest.raises(UserError, match=r"^the run's data_dir data/books_gpt2 \(as the config in .*ckpt.pt records "
+                                        r"it\) is not found from .*elsewhere: run eval.py from the folder training "
+                                        r"ran in, or pass --loss_data DIR$"):
+        E.main(["--ckpt", str(path), "--device", "cpu"])
+
+
 def test_heldout_loss_refuses_data_of_another_tokenizer(tmp_path):
     prepare_val_split(tmp_path)
     meta = json.loads((tmp_path / "data" / "meta.json").read_text())
     (tmp_path / "data" / "meta.json").write_text(json.dumps({**meta, "tokenizer": "gpt2"}))
-    with pytest.raises(E.UserError, match="tokenized with 'gpt2', the checkpoint with 'bytes'"):
+    with pytest.raises(UserError, match="tokenized with 'gpt2', the checkpoint with 'bytes'"):
         E.heldout_batches(tmp_path / "data", "bytes", 32, 96, 2)
 
 
@@ -448,16 +496,13 @@ def test_cli_refuses_a_continuation_longer_than_the_window_before_scoring_any_ta
     data = offline_evals(tmp_path, "purred " * 10)  # " " + "purred " * 10 is 71 bytes
     scored = []
     monkeypatch.setattr(E, "loglikelihoods", lambda *args, **kw: scored.append(args[1]) or [0.0] * len(args[1]))
-    argv = ["eval.py", "--ckpt", str(path), "--tasks", "arc_easy,winogrande", "--data_dir", str(data),
-            "--device", "cpu"]
-    monkeypatch.setattr(sys, "argv", argv)
-    with pytest.raises(E.UserError, match="^winogrande: 2 of 2 requests have a continuation longer than the model's "
-                                          "window of 64 tokens \\(the longest: 71\\)"):
-        E.main()
+    argv = ["--ckpt", str(path), "--tasks", "arc_easy,winogrande", "--data_dir", str(data), "--device", "cpu"]
+    with pytest.raises(UserError, match="^winogrande: 2 of 2 requests have a continuation longer than the model's "
+                                        "window of 64 tokens \\(the longest: 71\\)"):
+        E.main(argv)
     assert scored == [] and not (tmp_path / "eval_step42.json").exists()
 
-    monkeypatch.setattr(sys, "argv", argv + ["--truncate_long"])
-    E.main()
+    E.main(argv + ["--truncate_long"])
     assert [len(cont) for _, cont in scored[1]] == [64, 64]
     out = json.load(open(tmp_path / "eval_step42.json"))
     assert [(r["task"], r["metric"], r["truncated"]) for r in out["results"]] == [
@@ -468,22 +513,60 @@ def test_cli_refuses_a_continuation_longer_than_the_window_before_scoring_any_ta
 @pytest.mark.parametrize("argv, message", [
     (["--limit", "0"], "argument --limit: 0 is not a positive integer"),
     (["--limit", "-3"], "argument --limit: -3 is not a positive integer"),
-    (["--temperature", "-1"], "argument --temperature: -1 is not a finite number >= 0"),
-    (["--temperature", "nan"], "argument --temperature: nan is not a finite number >= 0"),
     (["--loss_tokens", "0"], "argument --loss_tokens: 0 is not a positive integer"),
     (["--batch_size", "two"], "argument --batch_size: invalid positive_int value: 'two'"),
+    (["--temperature", "0"], "unrecognized arguments: --temperature 0"),  # sampling is sample.py
 ])
-def test_cli_refuses_bad_numbers(argv, message, monkeypatch, capsys):
-    monkeypatch.setattr(sys, "argv", ["eval.py", "--ckpt", "run/ckpt.pt", *argv])
+def test_cli_refuses_bad_numbers(argv, message, capsys):
     with pytest.raises(SystemExit) as exit:
-        E.main()
+        E.main(["--ckpt", "run/ckpt.pt", *argv])
     assert exit.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_user_mistakes_end_in_one_error_line_without_a_traceback(tmp_path):
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A run's folder as python train.py leaves it after two steps: ckpt_0000001.pt, ckpt_0000002.pt, ckpt.pt."""
+    import data
+    root = tmp_path_factory.mktemp("trained")
+    for i in range(8):
+        (root / f"doc{i}.txt").write_text(f"document {i}: " + " ".join(f"w{(i * 7 + k * k) % 53}" for k in range(300)))
+    data.prepare(str(root / "*.txt"), "bytes", root / "data", val_tokens=2000, num_proc=1)
+    # its own process: train.main sets this process's signal handlers
+    subprocess.run([sys.executable, "train.py", f"--data_dir={root / 'data'}", f"--out_dir={root / 'run'}", "--dim=32",
+                    "--n_layers=1", "--n_heads=2", "--n_kv_heads=2", "--ffn_dim=64", "--max_seq_len=16", "--seq_len=16",
+                    "--batch_size=2", "--max_steps=2", "--warmup_steps=1", "--eval_interval=100", "--eval_tokens=32",
+                    "--log_interval=100", "--ckpt_interval=1", "--device=cpu"], cwd=Path(E.__file__).parent,
+                   check=True, capture_output=True)
+    return root / "run"
+
+
+def flip_64_bytes_in_the_middle(path):
+    raw = bytearray(path.read_bytes())
+    mid = len(raw) // 2
+    raw[mid:mid + 64] = bytes(b ^ 0xFF for b in raw[mid:mid + 64])
+    path.write_bytes(bytes(raw))
+
+
+def one_line_errors(script, cases, env=None):
+    """Run `script` with each case's arguments, all at once (each pays for importing torch): each must exit 1 with
+    exactly one line on stderr, `error: ...` matching the case's message, and no traceback."""
+    runs = {message: subprocess.Popen([sys.executable, script, *map(str, argv)], cwd=Path(E.__file__).parent,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+            for message, argv in cases.items()}
+    for message, run in runs.items():
+        _, err = run.communicate(timeout=180)
+        assert run.returncode == 1 and "Traceback" not in err, err
+        assert len(err.strip().splitlines()) == 1 and re.match("error: .*" + message, err), err
+
+
+def test_user_mistakes_end_in_one_error_line_without_a_traceback(tmp_path, trained_run):
     prepare_val_split(tmp_path)
     path, _ = tiny_checkpoint(tmp_path)
     (tmp_path / "notes.txt").write_text("hello")
+    with zipfile.ZipFile(tmp_path / "other.zip", "w") as z:  # a sound zip, but not what torch.save writes
+        z.writestr("notes.txt", "hello")
+    damaged = trained_run / "ckpt_0000002.pt"
+    flip_64_bytes_in_the_middle(damaged)
     broken = tmp_path / "broken"
     broken.mkdir()
     for f in ("meta.json", "val_000000.bin", "train_000000.bin"):
@@ -492,170 +575,18 @@ def test_user_mistakes_end_in_one_error_line_without_a_traceback(tmp_path):
         f.truncate(1000)
     cases = {
         "no checkpoint at .*missing.pt": ["--ckpt", tmp_path / "missing.pt"],
-        "notes.txt is not a checkpoint saved by train.py": ["--ckpt", tmp_path / "notes.txt"],
-        "unknown task 'hellaswagg'": ["--ckpt", path, "--tasks", "hellaswagg", "--data_dir", tmp_path],
+        "checkpoint .*notes.txt is damaged": ["--ckpt", tmp_path / "notes.txt"],
+        "other.zip is not a checkpoint written by train.py": ["--ckpt", tmp_path / "other.zip"],
+        "checkpoint .*ckpt_0000002.pt is damaged .*CRC-32.*ckpt_0000001.pt": ["--ckpt", damaged],  # the one to use
         "no eval data folder .*nowhere": ["--ckpt", path, "--tasks", "piqa", "--data_dir", tmp_path / "nowhere"],
+        "piqa: the Hugging Face hub is unreachable .*: pass --data_dir DIR": ["--ckpt", path, "--tasks", "piqa"],
         "val_000000.bin is truncated or damaged": ["--ckpt", path, "--loss_data", broken],
     }
     # a CUDA device the machine lacks: any, where there is no CUDA
     cuda = "cuda" if not torch.cuda.is_available() else f"cuda:{torch.cuda.device_count()}"
     cases[f"--device {cuda}: this machine has {torch.cuda.device_count()} CUDA devices"] = ["--ckpt", path,
                                                                                           f"--device={cuda}"]
-    runs = {message: subprocess.Popen([sys.executable, "eval.py", *map(str, argv)], cwd=Path(E.__file__).parent,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            for message, argv in cases.items()}  # all at once: each pays for importing torch
-    for message, run in runs.items():
-        _, err = run.communicate(timeout=120)
-        assert run.returncode == 1 and "Traceback" not in err, err
-        assert len(err.strip().splitlines()) == 1 and re.match("error: .*" + message, err), err
-
-
-# ---------------------------------------------------------------------------
-# Sampling
-
-def test_greedy_sampling_follows_the_most_likely_next_token():
-    # after end-of-text ("$", where documents start) -> "a", after "a" -> "b", after "b" -> "a"
-    P = [[0.1, 0.7, 0.1, 0.1], [0.7, 0.1, 0.1, 0.1], [0.1, 0.1, 0.7, 0.1], [0.7, 0.1, 0.1, 0.1]]
-    model, tok = BigramModel(P), CharTok("abx$")
-    assert E.sample(model, tok, "", max_new_tokens=5, temperature=0) == "ababa"
-    assert E.sample(model, tok, "a", max_new_tokens=3, temperature=1.0, top_k=1) == "bab"
-    P[1] = [0.1, 0.1, 0.1, 0.7]  # now end-of-text follows "b": the document ends there
-    assert E.sample(BigramModel(P), tok, "", max_new_tokens=5, temperature=0) == "ab"
-
-
-# ---------------------------------------------------------------------------
-# Export: the transformers model computes our logits
-
-EXPORTS = {
-    "LlamaForCausalLM": {},
-    "LlamaForCausalLM (tied)": {"tie_embeddings": True, "n_kv_heads": 4},
-    "Qwen3ForCausalLM": {"qk_norm": True},
-}
-
-
-@pytest.mark.parametrize("name", sorted(EXPORTS))
-def test_export_logits_equal_ours(name, tmp_path):
-    transformers = pytest.importorskip("transformers", reason="transformers is an optional, test-only dependency")
-    path, model = tiny_checkpoint(tmp_path, **EXPORTS[name])
-    arch = E.export_hf(path, tmp_path / "hf")
-    assert arch == name.split()[0]
-    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
-    assert type(hf).__name__ == arch
-    x = torch.randint(0, 257, (2, 20), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        assert torch.allclose(hf(x).logits, model.eval()(x), atol=1e-5, rtol=1e-4)
-
-
-MOE = {"qk_norm": True, "n_experts": 4, "top_k": 2, "expert_ffn_dim": 24}
-
-
-def test_export_moe_logits_equal_ours(tmp_path):
-    transformers = pytest.importorskip("transformers", reason="transformers is an optional, test-only dependency")
-    path, model = tiny_checkpoint(tmp_path, **MOE)
-    assert E.export_hf(path, tmp_path / "hf") == "Qwen3MoeForCausalLM"
-    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
-    x = torch.randint(0, 257, (2, 20), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        assert torch.allclose(hf(x).logits, model.eval()(x), atol=1e-5, rtol=1e-4)
-
-
-@pytest.mark.parametrize("cfg, message", [
-    ({**MOE, "qk_norm": False}, "always applies QK-norm"),
-    ({**MOE, "shared_expert_ffn_dim": 16}, "no shared expert"),
-])
-def test_export_refuses_what_no_transformers_class_computes(tmp_path, cfg, message):
-    path, _ = tiny_checkpoint(tmp_path, **cfg)
-    with pytest.raises(E.UserError, match=message):
-        E.export_hf(path, tmp_path / "hf")
-
-
-def test_export_without_its_packages_says_what_to_install(tmp_path, monkeypatch):
-    path, _ = tiny_checkpoint(tmp_path)
-    monkeypatch.setitem(sys.modules, "tokenizers", None)  # as if not installed
-    with pytest.raises(E.UserError, match="export needs the safetensors and tokenizers packages: pip install "
-                                          "transformers"):
-        E.export_hf(path, tmp_path / "hf")
-    assert not (tmp_path / "hf").exists()
-
-
-def test_export_refuses_bias_balanced_routing(tmp_path):
-    path, model = tiny_checkpoint(tmp_path, **MOE, balance="bias")
-    ckpt = torch.load(path, weights_only=False)
-    ckpt["model"]["layers.1.mlp.expert_bias"][2] = 0.01  # as bias balancing leaves it after training
-    torch.save(ckpt, path)
-    with pytest.raises(E.UserError, match="layer 1 routes with a nonzero expert_bias"):
-        E.export_hf(path, tmp_path / "hf")
-
-
-# ---------------------------------------------------------------------------
-# Export: the tokenizer, and the whole folder scored the harness's way
-
-# every request of the first documents of each task (TST_ALL_EVAL_STRINGS=1: of every document, minutes)
-EVAL_LIMIT = None if os.environ.get("TST_ALL_EVAL_STRINGS") else 5
-# requests the full eval sets showed to need care: a piece that is one token although no merge reaches it
-# (Llama 3's " Arthropoda", from ARC-Easy), a run of digits (cut after 3 by cl100k_base's possessive \p{N}{1,3}+)
-HARD_REQUESTS = [("Question: Which characteristic is shared by all members of Arthropoda and Chordata phyla?\nAnswer:",
-                  " jointed limbs"), ("In 1905, the year 19052 ", "began.")]
-
-
-@functools.cache
-def eval_requests(evals):
-    return [r for task in E.TASKS for doc in E.load_task(task, evals, EVAL_LIMIT) for r in E.doc_requests(doc)]
-
-
-def tokenizer_of(name, shared_data, monkeypatch):
-    if name == "llama3":
-        return get_tokenizer(f"llama3:{shared_data / 'llama3' / 'tokenizer.model'}")
-    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(shared_data / "tiktoken_cache"))
-    return get_tokenizer(name)
-
-
-def harness_encode_pairs(hf_tok, requests):
-    """lm-evaluation-harness's TemplateLM._encode_pair through its Hugging Face backend, which leaves special
-    tokens to the tokenizer's default: trailing context whitespace moves into the continuation, whose tokens
-    are those of the whole string after the context's."""
-    moved = []
-    for context, continuation in requests:
-        n = len(context) - len(context.rstrip())
-        moved.append((context[:len(context) - n], context[len(context) - n:] + continuation))
-    wholes = hf_tok([c + x for c, x in moved])["input_ids"]
-    contexts = hf_tok([c for c, _ in moved])["input_ids"]
-    return [(ctx, whole[len(ctx):]) for ctx, whole in zip(contexts, wholes, strict=True)]
-
-
-@pytest.mark.parametrize("name", ["bytes", "gpt2", "cl100k_base", "o200k_base", "llama3"])
-def test_exported_tokenizer_encodes_the_eval_sets_as_ours(name, tmp_path, shared_data, monkeypatch):
-    transformers = pytest.importorskip("transformers", reason="transformers is an optional, test-only dependency")
-    tok = tokenizer_of(name, shared_data, monkeypatch)
-    E.save_tokenizer(tok, tmp_path, 2048)
-    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
-    # every id we use, special tokens included (the unused ids of cl100k_base and o200k_base left out)
-    assert len(hf_tok) == len(tok.enc._mergeable_ranks) + len(tok.enc.special_tokens_set)
-    assert (hf_tok.bos_token_id, hf_tok.eos_token_id) == (tok.bos, tok.eot)
-    requests = eval_requests(shared_data / "evals") + HARD_REQUESTS
-    ours = [E.encode_pair(tok, c, x) for c, x in requests]
-    theirs = harness_encode_pairs(hf_tok, requests)
-    assert [r for r, a, b in zip(requests, ours, theirs) if a != b] == []
-    assert hf_tok.decode(theirs[0][0], skip_special_tokens=True) == requests[0][0].rstrip()
-
-
-def test_exported_folder_scores_eval_requests_as_eval_py_does(tmp_path, shared_data):
-    transformers = pytest.importorskip("transformers", reason="transformers is an optional, test-only dependency")
-    llama3 = f"llama3:{shared_data / 'llama3' / 'tokenizer.model'}"
-    # weights large enough (logits of standard deviation ~3) that a wrong token, position or BOS shows
-    path, model = tiny_checkpoint(tmp_path, tokenizer=llama3, vocab_size=128_256, tie_embeddings=True, init_std=0.5,
-                                  max_seq_len=256)
-    E.export_hf(path, tmp_path / "hf")
-    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
-    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
-    requests = [r for task in E.TASKS for doc in E.load_task(task, shared_data / "evals", limit=1)[:1]
-                for r in E.doc_requests(doc)]
-    tok = get_tokenizer(llama3)
-    ours = E.loglikelihoods(model, [E.encode_pair(tok, c, x) for c, x in requests], max_len=256)
-    theirs = []
-    with torch.no_grad():
-        for ctx, cont in harness_encode_pairs(hf_tok, requests):
-            logits = hf(torch.tensor([(ctx + cont)[-257:][:-1]])).logits[0, -len(cont):]
-            theirs.append(F.log_softmax(logits, -1).gather(-1, torch.tensor(cont)[:, None]).sum().item())
-    assert max(theirs) - min(theirs) > 10
-    assert ours == pytest.approx(theirs, rel=1e-5, abs=1e-4)
+    # the hub as it is offline: no network needed, and an empty cache so that nothing is found there
+    offline = {**os.environ, "HF_HUB_OFFLINE": "1", **{k: str(tmp_path / "hf_cache") for k in (
+        "HF_HOME", "HF_HUB_CACHE", "HF_DATASETS_CACHE")}}
+    one_line_errors("eval.py", cases, offline)
