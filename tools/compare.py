@@ -257,7 +257,6 @@ def plot(runs, baseline, out):
         matplotlib.use("Agg")  # files only: no display needed
         import matplotlib.pyplot as plt
         from matplotlib.lines import Line2D
-        from matplotlib.ticker import EngFormatter
     except ImportError:
         print("plots skipped: matplotlib is not installed (pip install matplotlib); the table has the numbers",
               file=sys.stderr)
@@ -272,62 +271,73 @@ def plot(runs, baseline, out):
     # the legend's entry for the marks on the curves, where some run has more than one stage
     switch = [Line2D([], [], marker="D", color="grey", fillstyle="none", linestyle="none",
                      label="a change of stage (the switch)")] * any(run["boundaries"] for run in runs)
+    save(plt, paths[0], figure(plt, "Equal FLOPs: validation loss by step", "steps",
+                               *curves(runs, baseline, colours, 0)), switch)
+    save(plt, paths[1], figure(plt, "Equal data: validation loss by data tokens read", "data tokens",
+                               *curves(runs, baseline, colours, 1)), switch)
+    save(plt, paths[2], equal_loss_figure(plt, runs, baseline, colours))
+    return paths
 
-    def label(run):
-        if run is baseline:
-            return f"{run['name']} (baseline)"
-        mode = "" if run["mode"] == "full" else f", {run['mode']}"
-        return f"{run['name']} (s={run['s']}, r={run['r']:g}{mode})"
 
-    def figure(title, xlabel, series, draw):
-        """draw(ax) in two panels, the lower one zoomed to the tails of series [(xs, ys, tail index, colour)], with a
-        mark on its top edge for a point above it."""
-        fig, (whole, end) = plt.subplots(2, 1, figsize=(8, 9), height_ratios=[2, 3])
-        # fixed margins, which fit these labels: a layout engine would double the time to draw
-        fig.subplots_adjust(left=0.11, right=0.97, bottom=0.06, top=0.93, hspace=0.25)
-        fig.suptitle(title)
-        whole.set_title("every evaluation", fontsize="medium")
-        end.set_title("the end: the second half of every run's last stage (△ a point above this range)",
-                      fontsize="medium")
-        for ax in (whole, end):
-            draw(ax)
-            ax.set(xlabel=xlabel, ylabel="validation loss (next token, nats)")
-            ax.grid(alpha=0.3)
-            if xlabel == "data tokens":
-                ax.xaxis.set_major_formatter(EngFormatter())
-        (left, right), (low, high) = zoom(series)
-        end.set(xlim=(left, right), ylim=(low, high))
-        for xs, ys, _, colour in series:
-            # where the curve comes in from above, and every spike after that (the upper panel shows the rest)
-            first = next(i for i, y in enumerate(ys) if y <= high)
-            above = [x for i, (x, y) in enumerate(zip(xs, ys)) if y > high and i >= first - 1 and left <= x <= right]
-            if above:
-                end.plot(above, [high] * len(above), "^", color=colour, fillstyle="none", clip_on=False)
-        return fig
+def label(run, baseline):
+    if run is baseline:
+        return f"{run['name']} (baseline)"
+    mode = "" if run["mode"] == "full" else f", {run['mode']}"
+    return f"{run['name']} (s={run['s']}, r={run['r']:g}{mode})"
 
-    def save(path, fig, legend_extra=()):
-        whole = fig.axes[0]
-        whole.legend(handles=whole.get_legend_handles_labels()[0] + list(legend_extra), fontsize="small")
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
 
-    def curves(which):
-        """Every run's val loss by steps (which 0) or by data tokens (1): its series and draw(ax), which marks each
-        stage boundary on the run's curve."""
-        series = [([e[which] for e in run["evals"]], [e[2] for e in run["evals"]], tail(run), colour)
-                  for run, colour in zip(runs, colours)]
+def figure(plt, title, xlabel, series, draw):
+    """draw(ax) in two panels, the lower one zoomed to the tails of series [(xs, ys, tail index, colour)], with a
+    mark on its top edge for a point above it."""
+    from matplotlib.ticker import EngFormatter
+    fig, (whole, end) = plt.subplots(2, 1, figsize=(8, 9), height_ratios=[2, 3])
+    # fixed margins, which fit these labels: a layout engine would double the time to draw
+    fig.subplots_adjust(left=0.11, right=0.97, bottom=0.06, top=0.93, hspace=0.25)
+    fig.suptitle(title)
+    whole.set_title("every evaluation", fontsize="medium")
+    end.set_title("the end: the second half of every run's last stage (△ a point above this range)",
+                  fontsize="medium")
+    for ax in (whole, end):
+        draw(ax)
+        ax.set(xlabel=xlabel, ylabel="validation loss (next token, nats)")
+        ax.grid(alpha=0.3)
+        if xlabel == "data tokens":
+            ax.xaxis.set_major_formatter(EngFormatter())
+    (left, right), (low, high) = zoom(series)
+    end.set(xlim=(left, right), ylim=(low, high))
+    for xs, ys, _, colour in series:
+        # where the curve comes in from above, and every spike after that (the upper panel shows the rest)
+        first = next(i for i, y in enumerate(ys) if y <= high)
+        above = [x for i, (x, y) in enumerate(zip(xs, ys)) if y > high and i >= first - 1 and left <= x <= right]
+        if above:
+            end.plot(above, [high] * len(above), "^", color=colour, fillstyle="none", clip_on=False)
+    return fig
 
-        def draw(ax):
-            for run, (xs, ys, _, colour) in zip(runs, series):
-                ax.plot(xs, ys, marker=".", color=colour, label=label(run))
-                at = [(e[which], e[2]) for e in run["evals"] if e[0] in run["boundaries"]]
-                if at:
-                    ax.plot(*zip(*at), "D", color=colour, fillstyle="none", markersize=8)
-        return series, draw
 
-    save(paths[0], figure("Equal FLOPs: validation loss by step", "steps", *curves(0)), switch)
-    save(paths[1], figure("Equal data: validation loss by data tokens read", "data tokens", *curves(1)), switch)
+def save(plt, path, fig, legend_extra=()):
+    whole = fig.axes[0]
+    whole.legend(handles=whole.get_legend_handles_labels()[0] + list(legend_extra), fontsize="small")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
+
+def curves(runs, baseline, colours, which):
+    """Every run's val loss by steps (which 0) or by data tokens (1): its series and draw(ax), which marks each
+    stage boundary on the run's curve."""
+    series = [([e[which] for e in run["evals"]], [e[2] for e in run["evals"]], tail(run), colour)
+              for run, colour in zip(runs, colours)]
+
+    def draw(ax):
+        for run, (xs, ys, _, colour) in zip(runs, series):
+            ax.plot(xs, ys, marker=".", color=colour, label=label(run, baseline))
+            at = [(e[which], e[2]) for e in run["evals"] if e[0] in run["boundaries"]]
+            if at:
+                ax.plot(*zip(*at), "D", color=colour, fillstyle="none", markersize=8)
+    return series, draw
+
+
+def equal_loss_figure(plt, runs, baseline, colours):
+    """The baseline's curve, each run's final loss as a line, and where the baseline gets there (the speed-up)."""
     steps, _, val = zip(*baseline["evals"])
     others = [(run, colour) for run, colour in zip(runs, colours) if run is not baseline]
     # besides the baseline's curve, the zoom shows where each run ends and where the baseline gets there
@@ -337,24 +347,23 @@ def plot(runs, baseline, out):
                if run["crossing"] is not None]
 
     def draw(ax):
-        ax.plot(steps, val, marker=".", color="black", label=label(baseline))
+        ax.plot(steps, val, marker=".", color="black", label=label(baseline, baseline))
         for run, colour in others:
             n, _, loss = run["evals"][-1]
             ax.axhline(loss, color=colour, linestyle="--", linewidth=1,
-                       label=f"{label(run)}: {loss:.4f} at {n} steps")
+                       label=f"{label(run, baseline)}: {loss:.4f} at {n} steps")
             ax.plot(n, loss, marker="s", color=colour)  # where the run got to its final loss
             if run["crossing"] is not None:
                 ax.plot(run["crossing"], loss, marker="o", markersize=10, fillstyle="none", color=colour)
 
-    fig = figure("Equal loss: baseline steps to each run's final loss", "steps", series, draw)
+    fig = figure(plt, "Equal loss: baseline steps to each run's final loss", "steps", series, draw)
     end = fig.axes[1]
     for run, colour in others:  # the speed-up, in the zoom only: at the end the upper panel has no room
         at, bound = (baseline["steps"], "> ") if run["crossing"] is None else (run["crossing"], "")
         side = -1 if at > sum(end.get_xlim()) / 2 else 1  # the label on the side with room
         end.annotate(f"{bound}{run['speedup']:.2f}x", (at, run["final_val"]), xytext=(6 * side, 6),
                      textcoords="offset points", ha="right" if side < 0 else "left", color=colour)
-    save(paths[2], fig)
-    return paths
+    return fig
 
 
 # -----------------------------------------------------------------------------
