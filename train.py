@@ -386,12 +386,24 @@ def build_model(config, device, dtype):
 
 
 def setup(config, argv):
-    """Processes, out_dir, data, model and optimizer, then where the run starts: from scratch, resumed from out_dir,
-    or branched from another run's checkpoint (init_from)."""
+    """Processes and out_dir, then data, model and optimizer, and where the run starts (start)."""
     rank, world, device = setup_processes(config)
     torch.manual_seed(config["seed"])
     random.seed(config["seed"])
     lock = claim_out_dir(config, rank, device)
+    try:
+        run = build_run(config, argv, rank, world, device)
+        run.lock = lock
+        start(run)
+    except BaseException:
+        if lock:
+            lock.close()  # out_dir is free again, even for a caller that goes on (a test, a notebook)
+        raise
+    return run
+
+
+def build_run(config, argv, rank, world, device):
+    """The data (checked against the model: rows that fit, token ids in the vocabulary), the model and optimizer."""
     meta = open_data(config, rank)
     getattr(data, "check_token_ids", lambda *a: None)(config["data_dir"], config["vocab_size"])  # PENDING
     T = config["seq_len"]
@@ -414,9 +426,17 @@ def setup(config, argv):
               grad_accum=grad_accum, rows_per_step=config["batch_size"] * grad_accum * world,
               flops_per_position=model_config.flops_per_position(T),
               peak_flops=config["peak_flops"] or (989e12 if device.type == "cuda" else 0.0), keep_steps=[],
-              totals={"positions": 0, "data_tokens": 0, "flops": 0}, lock=lock)
+              totals={"positions": 0, "data_tokens": 0, "flops": 0})
     run.keep_steps = schedule.boundaries  # TST: the checkpoint at each switch (the paper's phase-1 checkpoint)
-    out_dir = Path(config["out_dir"])
+    if config["sample_interval"]:
+        run.tokenizer = data.get_tokenizer(meta["tokenizer"])
+    return run
+
+
+def start(run):
+    """Where the run starts: from scratch, resumed from out_dir, or branched from another run's checkpoint
+    (init_from); then config.json, log.jsonl and the trackers (rank 0)."""
+    config, out_dir = run.config, Path(run.config["out_dir"])
     if config["resume"]:
         start_from_checkpoint(run, checkpoint.newest(out_dir), resume=True)
     elif any(out_dir.glob("ckpt_*.pt")):
@@ -425,15 +445,12 @@ def setup(config, argv):
     elif config["init_from"]:
         source = Path(config["init_from"])
         start_from_checkpoint(run, checkpoint.newest(source) if (source / "log.jsonl").exists() else source)
-    if config["sample_interval"]:
-        run.tokenizer = data.get_tokenizer(meta["tokenizer"])
     if run.master:
         (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        if run.start_step == 0 or not config["resume"]:
+        if not config["resume"]:
             (out_dir / "log.jsonl").unlink(missing_ok=True)  # a run that died before its first checkpoint
         run.log = open(out_dir / "log.jsonl", "a")
         run.trackers = open_trackers(config)
-    return run
 
 
 def start_from_checkpoint(run, path, resume=False):
@@ -857,8 +874,9 @@ def main(argv):
     finally:
         for _, close in run.trackers or []:
             close()
-        if run.log:
-            run.log.close()
+        for f in (run.log, run.lock):  # the lock too: out_dir is free again, even for a caller that goes on
+            if f:
+                f.close()
         if dist.is_initialized():
             dist.destroy_process_group()
 

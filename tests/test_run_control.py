@@ -1,7 +1,6 @@
 """Steering a run: --help, --plan, stopping on a signal, branching from a checkpoint, one run per out_dir, a full disk,
 samples, experiment trackers, the console line."""
 
-import json
 import os
 import re
 import signal
@@ -19,31 +18,9 @@ import data
 import model
 import train
 from cli import UserError
+from conftest import read_log, settings
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("corpus")
-    for i in range(40):
-        words = " ".join(f"w{(i * 7 + k * k) % 53}" for k in range(400))
-        (folder / f"doc{i:02d}.txt").write_text(f"document {i}: {words}\n")
-    out = folder / "shards"
-    data.prepare(str(folder / "*.txt"), "bytes", out, val_tokens=4000, num_proc=1)
-    return out
-
-
-def settings(data_dir, out_dir, **overrides):
-    base = dict(data_dir=data_dir, out_dir=out_dir, dim=32, n_layers=2, n_heads=2, n_kv_heads=2, ffn_dim=64,
-                max_seq_len=16, seq_len=16, batch_size=4, max_steps=10, warmup_steps=2, lr=1e-2, s=4, r=0.3,
-                eval_interval=5, eval_tokens=128, log_interval=1, ckpt_interval=1, keep_last=20, device="cpu")
-    base.update(overrides)
-    return [f"--{k}={v}" for k, v in base.items()]
-
-
-def read_log(out_dir):
-    return [json.loads(line) for line in (Path(out_dir) / "log.jsonl").read_text().splitlines()]
 
 
 KEYS = ("step", "phase", "loss", "grad_norm", "positions", "data_tokens", "lr")
@@ -362,12 +339,12 @@ def test_a_tracker_that_is_not_installed_is_one_line_before_any_step(data_dir, t
 
 
 def test_the_console_shows_progress_and_a_baseline_has_no_phase(data_dir, tmp_path, capsys):
-    train.main(settings(data_dir, tmp_path / "tst"))
+    train.main(settings(data_dir, tmp_path / "tst", log_interval=1))
     out = capsys.readouterr().out
     assert re.search(r"step  0/10 \| phase 1: s=4, MCE \| loss \d\.\d{4} \|.* pos/s, .* data tok/s \| \d+ ms \| "
                      r"0:\d\d elapsed, ETA 0:\d\d", out), out
     assert "step  3/10 | phase 2 |" in out
-    train.main(settings(data_dir, tmp_path / "baseline", s=1, r=0.0))
+    train.main(settings(data_dir, tmp_path / "baseline", s=1, r=0.0, log_interval=1))
     out = capsys.readouterr().out
     assert "step  3/10 | loss" in out and "phase" not in out
     assert "positions_per_sec" in read_log(tmp_path / "baseline")[0] and "tokens_per_sec" not in read_log(

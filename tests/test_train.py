@@ -11,36 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import data
 import model
 import train
 from cli import UserError
+from conftest import read_log, settings
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    """A small byte-level corpus made here: text files -> shards."""
-    folder = tmp_path_factory.mktemp("corpus")
-    for i in range(40):
-        words = " ".join(f"w{(i * 7 + k * k) % 53}" for k in range(400))
-        (folder / f"doc{i:02d}.txt").write_text(f"document {i}: {words}\n")
-    out = folder / "shards"
-    data.prepare(str(folder / "*.txt"), "bytes", out, val_tokens=4000, num_proc=1)
-    return out
-
-
-def settings(data_dir, out_dir, **overrides):
-    base = dict(data_dir=data_dir, out_dir=out_dir, dim=32, n_layers=2, n_heads=2, n_kv_heads=2, ffn_dim=64,
-                max_seq_len=16, seq_len=16, batch_size=4, max_steps=10, warmup_steps=2, lr=1e-2, s=4, r=0.3,
-                eval_interval=5, eval_tokens=128, log_interval=100, ckpt_interval=1, keep_last=20, device="cpu")
-    base.update(overrides)
-    return [f"--{k}={v}" for k, v in base.items()]
-
-
-def read_log(out_dir):
-    return [json.loads(line) for line in (Path(out_dir) / "log.jsonl").read_text().splitlines()]
 
 
 def test_both_phases_end_to_end_with_exact_accounting(data_dir, tmp_path):
@@ -505,7 +481,8 @@ def test_a_failed_save_names_the_file_and_step_and_leaves_no_partial_file(data_d
 
     monkeypatch.setattr(torch, "save", disk_full)
     run = tmp_path / "run"
-    with pytest.raises(UserError, match=r"saving checkpoint .*ckpt_0000002.pt \(step 2\) failed: .*No space left"):
+    with pytest.raises(UserError, match=r"saving checkpoint .*ckpt_0000002.pt \(step 2\) failed: no space left on "
+                                        r"device; the previous checkpoint ckpt_0000001.pt is intact"):
         train.main(settings(data_dir, run, max_steps=4))
     assert not list(run.glob("*.tmp")) and (run / "ckpt.pt").resolve().name == "ckpt_0000001.pt"
     monkeypatch.setattr(torch, "save", real_save)
