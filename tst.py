@@ -170,7 +170,8 @@ def sum_to_one_loss(logits, targets, scored_positions=None):
     picked = logits.gather(1, targets.masked_fill(~valid, 0)).masked_fill(~keep, -math.inf)
     picked = picked.masked_fill(~scored[:, None], 0.0)  # a position with no target: finite, then weighted 0
     loss = (torch.logsumexp(logits, dim=-1) - torch.logsumexp(picked, dim=-1)) * scored
-    return loss.sum() / (scored.sum() if scored_positions is None else scored_positions).clamp(min=1)
+    n = scored.sum() if scored_positions is None else torch.as_tensor(scored_positions)
+    return loss.sum() / n.clamp(min=1)
 
 
 # -----------------------------------------------------------------------------
