@@ -3,46 +3,48 @@ Data for tst: text corpora -> token shards, prepared once -> the rows both TST p
 
     python data.py --source stdlib --tokenizer bytes --out_dir data/stdlib_bytes
     python data.py --source dclm --tokenizer llama3:tokenizer.model --out_dir data/dclm --max_tokens 105e9
-    python data.py mi ARGS...      pairwise mutual information between tokens at distance d (mutual_info.py)
 
 `python data.py --help` lists the sources and tokenizers. The first documents (at least --val_tokens tokens) become the
 val split, the rest the train shards; re-running the same command resumes an interrupted or extended preparation.
+Every document is preceded by the tokenizer's document prefix: end-of-text, then BOS where the tokenizer has one.
 
 Shard OUT_DIR/{split}_{index:06d}.bin: a 24-byte little-endian header (b"TSTTOKEN", uint32 format version, uint32 bytes
-per token: 2 or 4, uint64 token count), then the tokens, little-endian; meta.json lists the shards and the settings.
+per token: 2 or 4, uint64 token count), then the tokens, little-endian; meta.json lists the shards (each with its
+largest token id, max_id) and the settings.
 
-Loader order: a split is one stream, its shards in order, cut into chunks of chunk_tokens tokens (a chunk never spans
-two shards). Epoch e serves the chunks in the order np.random.default_rng([seed, e]).permutation(n_chunks); rows are cut
-back to back from the endless stream of epochs (each row's last token is the next row's first). The position in that
-stream is the loader's whole state, the same on every rank: a checkpoint from any rank resumes all of them, under any
-world size or row length.
+Rows: a split is one stream, its shards in order, cut into chunks of chunk_tokens tokens (a chunk never spans two
+shards). Epoch e serves the chunks in the order np.random.default_rng([seed, e]).permutation(n_chunks), each after the
+separator: the document prefix again (meta.json's eot, then bos where there is one), since a chunk mostly starts
+mid-document and a join of two chunks, two unrelated places of the corpus, must read as a document boundary. Epoch
+follows epoch in one endless stream. next_rows(L) cuts the next world_size * batch_size rows from it, back to back,
+each L + 1 consecutive tokens of the stream, separators included (L inputs; the labels are the same tokens shifted by
+one, so each row's last token is the next row's first); rank r takes rows r * batch_size ... (r + 1) * batch_size - 1.
+The position in that stream is the loader's whole state, the same on every rank: a checkpoint from any rank resumes
+all of them, under any world size or row length.
 """
 
 import argparse
 import base64
 import collections
+import concurrent.futures
 import glob
 import hashlib
 import itertools
 import json
-import multiprocessing
 import os
 import re
 import shlex
 import struct
-import sys
 import sysconfig
 import time
 from pathlib import Path
 
 import numpy as np
 import tiktoken
+import tiktoken.load
 
-
-class UserError(Exception):
-    """A mistake in what the user asked for (a setting, a data folder, a checkpoint, a file): train.py, eval.py,
-    data.py and compare.py print its message as one line, without a traceback. Every other exception is a bug
-    of the code and keeps its traceback."""
+import cli
+from cli import UserError
 
 # -----------------------------------------------------------------------------
 # Tokenizers
@@ -117,6 +119,30 @@ def _read_ranks(path):
     if sorted(ranks.values()) != list(range(len(ranks))) or any(bytes([b]) not in ranks for b in range(256)):
         raise UserError(f"{path}: the ranks must be 0..{len(ranks) - 1}, each once, and include all 256 single bytes")
     return ranks
+
+
+def known_vocab_size(name):
+    """The number of ids of tokenizer `name` where that is cheap to know, else None: bytes; llama3:PATH where the file
+    is (a rank a line, then the specials); a tiktoken encoding that loads without the network."""
+    if name == "bytes":
+        return get_tokenizer(name).n_vocab
+    if name.startswith("llama3:"):
+        path = name[len("llama3:"):]
+        return len(Path(path).read_bytes().splitlines()) + len(LLAMA3_SPECIALS) if os.path.isfile(path) else None
+    if name not in tiktoken.list_encoding_names():
+        return None  # no tokenizer of data.py's (a folder made by hand)
+    # tiktoken downloads an encoding missing from its cache: not for a check, which must never wait on a network
+    download, tiktoken.load.read_file = tiktoken.load.read_file, _no_download
+    try:
+        return tiktoken.get_encoding(name).n_vocab
+    except OSError:
+        return None
+    finally:
+        tiktoken.load.read_file = download
+
+
+def _no_download(url):
+    raise OSError(f"{url} is not in tiktoken's cache")
 
 
 # -----------------------------------------------------------------------------
@@ -256,27 +282,91 @@ def read_shard(path, fix="re-run the python data.py command that made it"):
 
 
 def load_meta(data_dir):
+    """meta.json of a prepared folder, checked against itself: complete, its vocabulary fits its dtype, and neither a
+    shard (each one's largest id is recorded at preparation) nor the separator holds an id past its vocab_size."""
     path = Path(data_dir) / "meta.json"
     if not path.exists():
-        example = ["python", "data.py", "--source", "stdlib", "--tokenizer", "bytes", "--out_dir", str(data_dir)]
-        raise UserError(f"{path} not found: prepare the data first, e.g. {shlex.join(example)}")
-    meta = json.loads(path.read_text())
+        how = f"prepare it (python data.py --help lists the sources and tokenizers) with {_command({}, data_dir)}"
+        if not Path(data_dir).exists():
+            raise UserError(f"data folder {data_dir} does not exist (a relative path is from the current directory, "
+                            f"{os.getcwd()}): {how}")
+        raise UserError(f"{path} not found: {data_dir} is not a prepared data folder: {how}")
+    meta = _read_meta(path)
     if not meta["done"]:
         raise UserError(f"{data_dir} is only partly prepared: finish it with {_command(meta, data_dir)}")
     if meta["vocab_size"] - 1 > np.iinfo(DTYPES[meta["dtype"]]).max:
         raise UserError(f"{path}: vocab_size {meta['vocab_size']:,} does not fit dtype {meta['dtype']}: "
                         f"prepare again with --dtype uint32")
+    for shard in meta["shards"]:
+        if shard.get("max_id", -1) >= meta["vocab_size"]:
+            raise UserError(f"{Path(data_dir) / shard['file']} holds token id {shard['max_id']:,} (as {path} "
+                            f"records it), outside its vocab_size of {meta['vocab_size']:,}: meta.json or the shard "
+                            f"has changed since preparation; restore it, or delete the folder and prepare it again "
+                            f"with {_command(meta, data_dir)}")
+    if max(_separator(meta)) >= meta["vocab_size"]:
+        raise UserError(f"{path}: the separator {_separator(meta)} (eot, then bos) is outside its vocab_size of "
+                        f"{meta['vocab_size']:,}: meta.json has changed since preparation; restore it, or delete the "
+                        f"folder and prepare it again with {_command(meta, data_dir)}")
+    return meta
+
+
+def _separator(meta):
+    """What the loader puts before each chunk: the tokenizer's document prefix (eot, then bos where there is one), from
+    what meta.json records of the tokenizer."""
+    return [meta["eot"]] + ([meta["bos"]] if meta["bos"] is not None else [])
+
+
+META_KEYS = ("source", "tokenizer", "vocab_size", "dtype", "eot", "bos", "shards", "done")
+
+
+def _read_meta(path):
+    """meta.json's contents; if it is not what data.py writes, a UserError that says how to remake the folder."""
+    try:
+        meta = json.loads(path.read_text())
+        problem = "" if isinstance(meta, dict) else "is not a JSON object"
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        meta, problem = {}, f"is not JSON ({e})"
+    if not problem:
+        missing = [key for key in META_KEYS if key not in meta]
+        problem = f"lacks {', '.join(missing)}" if missing else ""
+    if problem:
+        raise UserError(f"{path} {problem}: it is damaged. Delete it and prepare the folder again with "
+                        f"{_command(meta if isinstance(meta, dict) else {}, path.parent)}")
     return meta
 
 
 def _command(meta, out_dir):
-    """The python data.py command that (re)makes out_dir as meta describes it."""
-    words = ["python", "data.py", "--source", meta["source"], "--tokenizer", meta["tokenizer"],
-             "--out_dir", str(out_dir), "--val_tokens", str(meta["val_target"]),
-             "--shard_tokens", str(meta["shard_tokens"]), "--text_field", meta["text_field"], "--dtype", meta["dtype"]]
-    if meta.get("max_tokens") is not None:
-        words += ["--max_tokens", str(meta["max_tokens"])]
+    """The python data.py command that (re)makes out_dir as meta describes it (SOURCE and TOKENIZER where it does not
+    say)."""
+    words = ["python", "data.py", "--source", meta.get("source", "SOURCE"), "--tokenizer",
+             meta.get("tokenizer", "TOKENIZER"), "--out_dir", str(out_dir)]
+    for flag, key in (("--val_tokens", "val_target"), ("--shard_tokens", "shard_tokens"),
+                      ("--text_field", "text_field"), ("--dtype", "dtype"), ("--max_tokens", "max_tokens")):
+        if meta.get(key) is not None:
+            words += [flag, str(meta[key])]
     return shlex.join(words)
+
+
+def check_token_ids(data_dir, vocab_size):
+    """For train.py at start-up: every token id of data_dir inside a model of vocab_size ids, checked from meta.json
+    alone, so that a folder of 105B tokens is not read again. Each shard's largest id (recorded at preparation) is
+    below meta.json's vocab_size (load_meta), which is its tokenizer's (where that is cheap to know), which is at most
+    vocab_size; shards prepared before their largest id was recorded are checked as the loader reads them. Raises a
+    UserError that names the file and the fix; returns meta.json's contents."""
+    meta = load_meta(data_dir)
+    known = known_vocab_size(meta["tokenizer"])
+    if known is not None and known != meta["vocab_size"]:
+        raise UserError(f"{Path(data_dir) / 'meta.json'}: vocab_size {meta['vocab_size']:,}, but tokenizer "
+                        f"{meta['tokenizer']!r} has {known:,} ids: it was edited since preparation; set it back to "
+                        f"{known}, or delete the folder and prepare it again with {_command(meta, data_dir)}")
+    if vocab_size < meta["vocab_size"]:
+        recorded = [s for s in meta["shards"] if "max_id" in s]
+        top = max(recorded, key=lambda s: s["max_id"], default=None)
+        holds = f"; {Path(data_dir) / top['file']} holds id {top['max_id']:,}" if top else ""
+        raise UserError(f"vocab_size={vocab_size:,} is smaller than the data's vocabulary ({meta['vocab_size']:,} ids, "
+                        f"tokenizer {meta['tokenizer']}, in {data_dir}{holds}): use 0 (the data's) or "
+                        f"{meta['vocab_size']:,} or more")
+    return meta
 
 
 # -----------------------------------------------------------------------------
@@ -364,7 +454,7 @@ def _resume(out_dir, settings):
     if not path.exists():
         return {"version": VERSION, **settings, "docs": 0, "train_tokens": 0, "val_tokens": 0, "shards": [],
                 "done": False, "exhausted": False}
-    meta = json.loads(path.read_text())
+    meta = _read_meta(path)
     changed = {k: (meta.get(k), v) for k, v in settings.items() if meta.get(k) != v}
     if changed:
         raise UserError(f"{out_dir} holds data prepared with other settings {changed} (there, here; val_target is "
@@ -399,16 +489,28 @@ def _batches(documents):
 
 def _encode(batches, tok, dtype, num_proc):
     """The token arrays of the documents, in order, tokenized by num_proc processes."""
-    # the workers get the tokenizer built and checked here: a Pool respawns a worker whose initializer fails, forever
-    with multiprocessing.Pool(num_proc, _start_worker, (tok, DTYPES[dtype])) as pool:
-        # a bounded queue rather than pool.imap, which would read a streamed corpus far ahead into memory
-        pending = collections.deque()
-        for batch in batches:
-            pending.append(pool.apply_async(_encode_batch, (batch,)))
-            if len(pending) > 2 * num_proc:
-                yield from pending.popleft().get()
-        while pending:
-            yield from pending.popleft().get()
+    # concurrent.futures, not multiprocessing.Pool, which can hang: leaving `with Pool` early (--max_tokens) kills the
+    # workers while the pool's thread may be part way through sending one a task, several pipe buffers long, which
+    # then waits forever for a reader, and the pool for it; and a Pool waits forever for the task of a worker that
+    # died. The executor finishes the tasks it has sent before it stops, and fails those of a worker that died.
+    # The workers get the tokenizer built and checked here, so that no worker fails to start.
+    with concurrent.futures.ProcessPoolExecutor(num_proc, initializer=_start_worker,
+                                                initargs=(tok, DTYPES[dtype])) as pool:
+        pending = collections.deque()  # bounded, rather than pool.map, which would read a streamed corpus far ahead
+        try:
+            for batch in batches:
+                pending.append(pool.submit(_encode_batch, batch))
+                if len(pending) > 2 * num_proc:
+                    yield from pending.popleft().result()
+            while pending:
+                yield from pending.popleft().result()
+        except concurrent.futures.process.BrokenProcessPool:
+            raise UserError("a tokenizer process died (the system kills the largest processes when memory runs "
+                            "out): re-run the same command, which resumes after the last shard written, with a "
+                            "smaller --num_proc if memory is short") from None
+        finally:
+            for task in pending:
+                task.cancel()  # those not sent to a worker yet
 
 
 def _start_worker(tok, dtype):
@@ -425,7 +527,9 @@ def _finish_shard(out_dir, meta, split, tokens):
     name = f"{split}_{sum(s['split'] == split for s in meta['shards']):06d}.bin"
     tokens = np.concatenate(tokens)
     write_shard(out_dir / name, tokens, meta["dtype"])
-    meta["shards"].append({"file": name, "split": split, "tokens": len(tokens), "docs_end": meta["docs"]})
+    # its largest id, so that a model too small for the data is refused at start-up without reading the shards again
+    meta["shards"].append({"file": name, "split": split, "tokens": len(tokens), "docs_end": meta["docs"],
+                           "max_id": int(tokens.max(initial=0))})
     # no meta.json before the first train shard: a preparation that fails sooner (a source too small for
     # --val_tokens, an interruption) does not tie the folder to its settings, and a re-run starts afresh
     if split == "train":
@@ -441,11 +545,12 @@ def _write_meta(out_dir, meta):
 # -----------------------------------------------------------------------------
 # Loader
 
-CHUNK_TOKENS = 1 << 16  # the unit of shuffling; a row that spans two chunks joins two unrelated places in the corpus
+CHUNK_TOKENS = 1 << 16  # the unit of shuffling
 
 
 def _split_shards(data_dir, split):
-    """meta.json and the shards of one split, each checked against meta.json now rather than hours into a run."""
+    """meta.json and the shards of one split, each checked against meta.json now rather than hours into a run; and what
+    to do about a bad one."""
     meta = load_meta(data_dir)
     shards = [s for s in meta["shards"] if s["split"] == split]
     if not shards:
@@ -459,14 +564,26 @@ def _split_shards(data_dir, split):
         if len(tokens) != shard["tokens"] or tokens.dtype != DTYPES[meta["dtype"]]:
             raise UserError(f"{path} holds {len(tokens):,} {tokens.dtype} tokens, meta.json says "
                             f"{shard['tokens']:,} {meta['dtype']}: {fix}")
-    return meta, shards
+    return meta, shards, f"delete it and {fix}"
+
+
+def _check_ids(tokens, path, start, vocab_size, fix):
+    """Tokens [start, start + len(tokens)) of the shard at path, against the data's vocabulary: an id past it fails
+    deep inside the model (an index error; a device-side assert on CUDA), far from its cause. Cheap next to reading
+    them; it covers folders prepared before each shard's largest id was recorded, and shards changed since."""
+    if len(tokens) and tokens.max() >= vocab_size:
+        at = int(np.argmax(tokens >= vocab_size))
+        raise UserError(f"{path} holds token id {int(tokens[at]):,} (its token {start + at:,}), outside the data's "
+                        f"vocabulary of {vocab_size:,} ids (meta.json's vocab_size): the shard is damaged or belongs "
+                        f"to another folder: {fix}")
 
 
 class TokenLoader:
-    """Rows for either TST phase from one split, in the order the module docstring gives.
+    """Rows for either TST phase from one split, as the module docstring gives them.
 
-    tokens: the split's size; position: tokens of the endless stream consumed by all ranks so far; epoch: position //
-    tokens, announced on rank 0 each time it grows; vocab_size: from meta.json.
+    tokens: the split's size; epoch_tokens: one epoch of the stream, the tokens and a separator before each chunk;
+    position: tokens of the endless stream consumed by all ranks so far; epoch: position // epoch_tokens, announced on
+    rank 0 each time it grows; vocab_size: from meta.json; separator: the tokens before each chunk.
     """
 
     def __init__(self, data_dir, split, batch_size, *, seed=0, rank=0, world_size=1, chunk_tokens=CHUNK_TOKENS):
@@ -474,39 +591,49 @@ class TokenLoader:
             raise ValueError(f"rank {rank} is not in 0..world_size-1 = 0..{world_size - 1}")
         self.data_dir, self.split, self.batch_size = Path(data_dir), split, batch_size
         self.seed, self.rank, self.world_size, self.chunk_tokens = seed, rank, world_size, chunk_tokens
-        meta, shards = _split_shards(data_dir, split)
+        meta, shards, self._fix = _split_shards(data_dir, split)
         self.vocab_size = meta["vocab_size"]
+        self._dtype = DTYPES[meta["dtype"]]
+        self.separator = np.array(_separator(meta), self._dtype)
         self._files = [self.data_dir / s["file"] for s in shards]
         # chunk i is tokens [start, start + length) of shard _shard[i]
         chunks = np.array([(i, start, min(chunk_tokens, s["tokens"] - start))
                            for i, s in enumerate(shards) for start in range(0, s["tokens"], chunk_tokens)])
         self._shard, self._start, self._length = chunks.T
-        self._dtype = DTYPES[meta["dtype"]]
         self.tokens = sum(s["tokens"] for s in shards)
+        self.epoch_tokens = self.tokens + len(chunks) * len(self.separator)
         self.position = 0
         self.epoch = 0
         self._epoch_order = (None, None, None)  # the last epoch asked for, its order of chunks, where they end
 
     def _order(self, epoch):
-        """The chunks in epoch `epoch`'s order, and where each ends in that epoch's stream."""
+        """The chunks in epoch `epoch`'s order, and where each ends (its separator before it) in that epoch's stream."""
         if self._epoch_order[0] != epoch:
             order = np.random.default_rng([self.seed, epoch]).permutation(len(self._length))
-            self._epoch_order = (epoch, order, np.cumsum(self._length[order]))
+            self._epoch_order = (epoch, order, np.cumsum(len(self.separator) + self._length[order]))
         return self._epoch_order[1:]
 
     def _read(self, position, n):
         out = np.empty(n, self._dtype)
+        sep = self.separator
         done = 0
         while done < n:
-            epoch, q = divmod(position + done, self.tokens)
+            epoch, q = divmod(position + done, self.epoch_tokens)
             order, ends = self._order(epoch)
-            k = np.searchsorted(ends, q, side="right")  # the chunk that holds stream position q
+            k = np.searchsorted(ends, q, side="right")  # stream position q is in chunk order[k] or the separator before
             c = order[k]
-            start = self._start[c] + q - (ends[k] - self._length[c])
-            take = min(n - done, ends[k] - q)
-            # map the shard for each read rather than keeping thousands open: no file-handle limit, and the pages
-            # read are not charged to this process for the whole run
-            out[done:done + take] = read_shard(self._files[self._shard[c]])[start:start + take]
+            into = q - (ends[k] - self._length[c] - len(sep))  # tokens from the separator's start to q
+            if into < len(sep):
+                take = min(n - done, len(sep) - into)
+                out[done:done + take] = sep[into:into + take]
+            else:
+                start = self._start[c] + into - len(sep)
+                take = min(n - done, ends[k] - q)
+                # map the shard for each read rather than keeping thousands open: no file-handle limit, and the pages
+                # read are not charged to this process for the whole run
+                tokens = read_shard(self._files[self._shard[c]])[start:start + take]
+                _check_ids(tokens, self._files[self._shard[c]], start, self.vocab_size, self._fix)
+                out[done:done + take] = tokens
             done += take
         return out
 
@@ -519,8 +646,8 @@ class TokenLoader:
         B = self.batch_size
         tokens = self._read(self.position + self.rank * B * L, B * L + 1)
         self.position += self.world_size * B * L
-        if self.position // self.tokens > self.epoch:
-            self.epoch = self.position // self.tokens
+        if self.position // self.epoch_tokens > self.epoch:
+            self.epoch = self.position // self.epoch_tokens
             if self.rank == 0:
                 print(f"TokenLoader: the {self.split} split of {self.data_dir} ({self.tokens:,} tokens) has been "
                       f"served in full; epoch {self.epoch} starts, repeating it in a new order", flush=True)
@@ -530,16 +657,20 @@ class TokenLoader:
 
     def state_dict(self):
         return {"split": self.split, "seed": self.seed, "tokens": self.tokens, "chunk_tokens": self.chunk_tokens,
-                "position": int(self.position)}
+                "separator": [int(t) for t in self.separator], "position": int(self.position)}
 
     def load_state_dict(self, state):
+        if "separator" not in state:
+            raise UserError("the checkpoint's loader state has no 'separator': it is from a data.py that joined chunks "
+                            "without one, and its position counts that other stream; resume with that version of "
+                            "data.py, or start the run afresh")
         mine = self.state_dict()
         changed = {k: (state[k], mine[k]) for k in mine if k != "position" and state[k] != mine[k]}
         if changed:
             raise UserError(f"the checkpoint's loader read another stream {changed} (checkpoint, here): resume "
                             f"with the same data folder, split and seed")
         self.position = state["position"]
-        self.epoch = self.position // self.tokens
+        self.epoch = self.position // self.epoch_tokens
 
 
 def validation_rows(data_dir, seq_len, max_rows):
@@ -549,7 +680,7 @@ def validation_rows(data_dir, seq_len, max_rows):
     if seq_len < 1 or max_rows < 1:
         raise UserError(f"asked for at most {max_rows} validation rows of seq_len {seq_len}: both must be at least 1 "
                         f"(ask for at least one row's worth of tokens)")
-    _, shards = _split_shards(data_dir, "val")
+    meta, shards, fix = _split_shards(data_dir, "val")
     split_tokens = sum(s["tokens"] for s in shards)
     n_rows = min(max_rows, (split_tokens - 1) // seq_len)
     if n_rows < 1:
@@ -558,7 +689,9 @@ def validation_rows(data_dir, seq_len, max_rows):
                         f"--val_tokens")
     need, parts = n_rows * seq_len + 1, []
     for shard in shards:  # only the prefix the rows cover
-        parts.append(read_shard(Path(data_dir) / shard["file"])[:need])
+        path = Path(data_dir) / shard["file"]
+        parts.append(read_shard(path)[:need])
+        _check_ids(parts[-1], path, 0, meta["vocab_size"], fix)
         need -= len(parts[-1])
         if need == 0:
             break
@@ -578,11 +711,6 @@ def count(text):
 
 
 def main(argv):
-    """The command line: `mi ARGS...` runs mutual_info.py's, anything else prepares a data folder."""
-    if argv[:1] == ["mi"]:
-        import mutual_info  # here, not at the top: only this subcommand needs it
-        mutual_info.main(argv[1:])
-        return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", required=True, help=(
         "stdlib (the .py files of this Python's standard library: offline, one document per file), dclm, "
@@ -605,11 +733,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    # `import data` in a module run from here (mutual_info) must get this module, not a second copy whose UserError
-    # the except below would not catch
-    sys.modules["data"] = sys.modules[__name__]
-    try:
-        main(sys.argv[1:])
-    except UserError as e:
-        print("error:", " ".join(str(e).splitlines()), file=sys.stderr)  # one line, even for a library's message
-        sys.exit(1)
+    cli.run(main)

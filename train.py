@@ -342,10 +342,7 @@ def open_data(config, rank):
                         f"prepared with {config['tokenizer']!r}")
     if config["vocab_size"] == 0:
         config["vocab_size"] = meta["vocab_size"]
-    if config["vocab_size"] < meta["vocab_size"]:
-        raise UserError(f"vocab_size={config['vocab_size']} is smaller than the data's vocabulary "
-                        f"({meta['vocab_size']}, tokenizer {meta['tokenizer']}): use 0 (the data's) or more")
-    return meta
+    return data.check_token_ids(config["data_dir"], config["vocab_size"])  # the ids fit: from meta.json alone
 
 
 def build_model(config, device, dtype):
@@ -405,7 +402,6 @@ def setup(config, argv):
 def build_run(config, argv, rank, world, device):
     """The data (checked against the model: rows that fit, token ids in the vocabulary), the model and optimizer."""
     meta = open_data(config, rank)
-    getattr(data, "check_token_ids", lambda *a: None)(config["data_dir"], config["vocab_size"])  # PENDING
     T = config["seq_len"]
     schedule = tst.Schedule(config, config["max_steps"])  # TST
     longest_row = T + 1

@@ -4,9 +4,11 @@ Is TokenLoader ever the bottleneck? Rows per second in both TST phases at the 27
 
     python bench/data_throughput.py [--data_dir data/stdlib_bytes] [--batch_size 16] [--seconds 3]
 
-Prepares the stdlib corpus into --data_dir first if it holds no data. The shards are read from the page cache after
-the first pass, as on a training node whose data fits in memory; from disk, phase 1 needs about
-rows/s * 12289 * 2 bytes (uint16) or * 4 (uint32) per second, a few MB/s.
+Prepares the stdlib corpus into --data_dir first if it holds no data. A row is L + 1 tokens of the loader's stream
+(data.py's docstring), in which every chunk of 65,536 tokens follows a separator of 1 or 2 tokens (eot, then bos):
+the tokens/s below count those too, and each row's ids are checked against the vocabulary as they are read. The
+shards are read from the page cache after the first pass, as on a training node whose data fits in memory; from
+disk, phase 1 needs about rows/s * 12289 * 2 bytes (uint16) or * 4 (uint32) per second, a few MB/s.
 """
 
 import argparse

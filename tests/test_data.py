@@ -1,10 +1,15 @@
 """data.py: text -> shards -> rows, for both TST phases, under DDP and across resumes; and every bad input."""
 
 import base64
+import contextlib
+import faulthandler
 import json
+import multiprocessing
 import os
 import random
+import re
 import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -85,6 +90,27 @@ def test_real_tokenizers_from_the_offline_assets(shared_data, monkeypatch):
         assert (tok.encode("Hello world"), tok.eot, tok.n_vocab, tok.bos) == (ids, eot, n_vocab, None)
     llama = data.get_tokenizer(f"llama3:{shared_data / 'llama3' / 'tokenizer.model'}")
     assert (llama.n_vocab, llama.bos, llama.eot, llama.encode("Hello world")) == (128256, 128000, 128001, [9906, 1917])
+    # meta.json's vocab_size is checked against these where they load offline
+    names = ["gpt2", "o200k_base", f"llama3:{shared_data / 'llama3' / 'tokenizer.model'}"]
+    assert [data.known_vocab_size(name) for name in names] == [50257, 200019, 128256]
+
+
+def test_a_tokenizers_vocabulary_is_known_where_that_is_cheap_and_needs_no_network(tmp_path, monkeypatch):
+    assert data.known_vocab_size("bytes") == 257
+    name = write_ranks(tmp_path / "tokenizer.model", [bytes([b]) for b in range(256)] + [b"he"])
+    assert data.known_vocab_size(name) == data.get_tokenizer(name).n_vocab == 257 + 256
+    assert data.known_vocab_size(f"llama3:{tmp_path / 'not_on_this_machine.model'}") is None
+    assert data.known_vocab_size("none") is None  # a folder made by hand
+
+    import requests  # what tiktoken downloads with
+
+    def download(*args, **kw):
+        raise AssertionError("a download was tried")
+    monkeypatch.setattr(requests, "get", download)
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "empty_cache"))
+    monkeypatch.setattr(data.tiktoken.registry, "ENCODINGS", {})  # none loaded yet in this process
+    original = data.tiktoken.load.read_file
+    assert data.known_vocab_size("cl100k_base") is None and data.tiktoken.load.read_file is original
 
 
 def test_a_vocabulary_over_uint16_gets_uint32_shards(shared_data, monkeypatch, tmp_path):
@@ -115,8 +141,11 @@ def test_round_trip_text_to_shards_to_rows_to_text(tmp_path):
     assert {k: meta[k] for k in ("tokenizer", "vocab_size", "dtype", "train_tokens", "val_tokens")} == \
         {"tokenizer": "bytes", "vocab_size": 257, "dtype": "uint16", "train_tokens": len(train), "val_tokens": len(val)}
     assert len([s for s in meta["shards"] if s["split"] == "train"]) == -(-len(train) // 5000)  # cut at documents
+    # each shard's largest id, so that train.py can check the model's vocabulary without reading the shards
+    assert [s["max_id"] for s in meta["shards"]] == [data.read_shard(tmp_path / "out" / s["file"]).max()
+                                                     for s in meta["shards"]]
 
-    # in one shard and one chunk, an epoch of rows is the text itself, in both phases' row lengths
+    # in one shard and one chunk, an epoch of rows is the separator and the text, in both phases' row lengths
     data.prepare(write_docs(tmp_path / "docs", docs), "bytes", tmp_path / "one", val_tokens=2000, num_proc=2)
     s, T = 6, 16
     loader = data.TokenLoader(tmp_path / "one", "train", 4, chunk_tokens=len(train))
@@ -129,7 +158,7 @@ def test_round_trip_text_to_shards_to_rows_to_text(tmp_path):
         inputs += [r[:-1] for r in rows]
         last = rows[-1, -1]
     stream = torch.cat(inputs)
-    assert tok.decode(stream) == tok.decode(train[:len(stream)])
+    assert stream[0] == tok.eot and tok.decode(stream[1:]) == tok.decode(train[:len(stream) - 1])
 
 
 def test_stdlib_is_the_offline_default_corpus(tmp_path):
@@ -251,38 +280,102 @@ def test_max_tokens_stops_early_and_a_rerun_extends_the_same_stream(tmp_path):
         assert np.array_equal(split_stream(tmp_path / "out", split), split_stream(tmp_path / "full", split))
 
 
+STOP_EARLY = """
+import faulthandler, sys
+sys.path.insert(0, sys.argv[1])
+import data
+sys.setswitchinterval(1e-6)  # threads take turns at almost every bytecode: a race between two of them shows sooner
+data.BATCH_CHARS = 1 << 17  # a tokenizer task is one document of 128K characters, several pipe buffers long
+faulthandler.dump_traceback_later(float(sys.argv[3]), exit=True)  # a hang ends with every thread's stack
+for i in range(int(sys.argv[2])):
+    data.prepare(sys.argv[4], "bytes", f"{sys.argv[5]}/{i}", val_tokens=0, max_tokens=1, num_proc=4)
+"""
+
+
+def test_stopping_early_never_hangs_the_tokenizer_processes(tmp_path):
+    # --max_tokens stops while tasks are on their way to the tokenizer processes. Ending a multiprocessing.Pool there
+    # (terminate, as `with Pool` does) hung about once in 180 stdlib preparations under load: the pool's thread that
+    # sends tasks waited forever on a pipe whose reader had been killed. These 20 runs (four processes on shared
+    # cores, large tasks) hung that code in each of 15 tries, within its first 9 runs; they take about 3 seconds now.
+    source = write_docs(tmp_path / "docs", ["x" * (1 << 17)] * 12)
+    log = tmp_path / "log"
+    with open(log, "w") as out:  # a file, not a pipe: the tokenizer processes of a hung run would hold a pipe open
+        run = subprocess.Popen([sys.executable, "-c", STOP_EARLY, str(ROOT), "20", "30", source, str(tmp_path / "out")],
+                               stdout=out, stderr=out, start_new_session=True)
+        try:
+            returncode = run.wait(timeout=60)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(run.pid, signal.SIGKILL)  # whatever a hung run left behind
+    assert returncode == 0, log.read_text()[-4000:]
+    assert len(list((tmp_path / "out").iterdir())) == 20
+
+
+def test_a_tokenizer_process_that_dies_stops_the_preparation_with_one_line_and_a_rerun_resumes(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "BATCH_CHARS", 300)  # many small tokenizer tasks
+    source = write_docs(tmp_path / "docs", make_docs(200, seed=6))
+    kw = dict(val_tokens=500, shard_tokens=2000, num_proc=2)
+    reference = data.prepare(source, "bytes", tmp_path / "ref", **kw)
+    real = data._documents
+
+    def out_of_memory(*source):
+        for i, doc in enumerate(real(*source)):
+            if i == 150:  # as the kernel's OOM killer does; all of them, since one that dies idle while the other
+                for worker in multiprocessing.active_children():  # keeps up may go unnoticed (and do no harm)
+                    os.kill(worker.pid, signal.SIGKILL)
+            yield doc
+    faulthandler.dump_traceback_later(60, exit=True)  # where it hangs (a multiprocessing.Pool did), end the tests
+    try:
+        with monkeypatch.context() as m:
+            m.setattr(data, "_documents", out_of_memory)
+            with pytest.raises(UserError, match="a tokenizer process died .*re-run the same command"):
+                data.prepare(source, "bytes", tmp_path / "out", **kw)
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+    assert data.prepare(source, "bytes", tmp_path / "out", **kw) == reference
+
+
 # -----------------------------------------------------------------------------
-# The loader, on a folder whose token i is i: every token names its own place in the split
+# The loader, on a folder whose token i is i: every token names its own place in the split, and the separator's ids
+# (end-of-text, then BOS where there is one) come after them
 
 
-def labelled_dir(folder, sizes, split="train"):
+def labelled_dir(folder, sizes, split="train", bos=False, record_max=True):
+    """A data folder whose split holds tokens 0, 1, 2, ... in shards of `sizes` tokens; record_max=False: as prepared
+    before each shard's largest id was recorded in meta.json."""
     folder.mkdir()
     shards, base = [], 0
     for i, n in enumerate(sizes):
         data.write_shard(folder / f"{split}_{i:06d}.bin", np.arange(base, base + n), "uint32")
-        shards.append({"file": f"{split}_{i:06d}.bin", "split": split, "tokens": n, "docs_end": 0})
+        shards.append({"file": f"{split}_{i:06d}.bin", "split": split, "tokens": n, "docs_end": 0,
+                       **({"max_id": base + n - 1} if record_max else {})})
         base += n
-    meta = {"source": "test", "tokenizer": "none", "vocab_size": base, "dtype": "uint32", "text_field": "text",
-            "val_target": base if split == "val" else 0, "shard_tokens": max(sizes), "done": True, "shards": shards}
+    meta = {"source": "test", "tokenizer": "none", "vocab_size": base + 1 + bos, "dtype": "uint32", "eot": base,
+            "bos": base + 1 if bos else None, "text_field": "text", "val_target": base if split == "val" else 0,
+            "shard_tokens": max(sizes), "done": True, "shards": shards}
     (folder / "meta.json").write_text(json.dumps(meta))
     return folder
 
 
-def reference_stream(sizes, chunk, seed, epochs):
-    """The order the module docstring promises, spelled out: chunks that never span shards, re-permuted each epoch."""
+def reference_stream(sizes, chunk, seed, epochs, separator):
+    """The order the module docstring promises, spelled out: chunks that never span shards, re-permuted each epoch,
+    each after the separator."""
     bases = np.cumsum([0] + sizes)
     chunks = [np.arange(b + s, b + min(s + chunk, n)) for b, n in zip(bases, sizes) for s in range(0, n, chunk)]
     orders = [np.random.default_rng([seed, e]).permutation(len(chunks)) for e in range(epochs)]
-    return np.concatenate([chunks[i] for order in orders for i in order])
+    return np.concatenate([np.r_[separator, chunks[i]] for order in orders for i in order])
 
 
-SIZES, CHUNK = [700, 1000, 700], 128  # 2400 tokens, 21 chunks, some short
+SIZES, CHUNK = [700, 1000, 700], 128  # 2400 tokens in 20 chunks, some short
+SEPARATORS = {False: [2400], True: [2400, 2401]}  # eot; eot, bos
 
 
-def test_rows_are_windows_of_the_shuffled_stream_in_both_phases(tmp_path):
-    folder = labelled_dir(tmp_path / "d", SIZES)
-    ref = reference_stream(SIZES, CHUNK, seed=7, epochs=5)
+@pytest.mark.parametrize("bos", [False, True])
+def test_rows_are_windows_of_the_shuffled_stream_in_both_phases(tmp_path, bos):
+    folder = labelled_dir(tmp_path / "d", SIZES, bos=bos)
+    ref = reference_stream(SIZES, CHUNK, seed=7, epochs=5, separator=SEPARATORS[bos])
     loaders = [data.TokenLoader(folder, "train", 3, seed=7, rank=r, world_size=2, chunk_tokens=CHUNK) for r in range(2)]
+    assert loaders[0].epoch_tokens == 2400 + 20 * len(SEPARATORS[bos])
     position = 0
     for L in [6 * 16] * 9 + [16] * 40 + [5 * 16] * 5:  # phase 1 (s=6, T=16), the switch, phase 2, and back
         for rank, loader in enumerate(loaders):
@@ -292,35 +385,54 @@ def test_rows_are_windows_of_the_shuffled_stream_in_both_phases(tmp_path):
                 start = position + (rank * 3 + i) * L
                 assert np.array_equal(row.numpy(), ref[start:start + L + 1])
         position += 2 * 3 * L
-    assert loaders[0].epoch == position // sum(SIZES) >= 2  # it went through two epoch boundaries
+    assert loaders[0].epoch == position // loaders[0].epoch_tokens >= 2  # it went through two epoch boundaries
 
 
-@pytest.mark.parametrize("world_size", [2, 4])
-def test_ranks_read_disjoint_rows_that_cover_the_split(tmp_path, world_size):
+@pytest.mark.parametrize("bos", [False, True])
+def test_every_join_of_two_chunks_has_the_separator_and_nothing_else_does(tmp_path, bos):
+    folder = labelled_dir(tmp_path / "d", SIZES, bos=bos)
+    loader = data.TokenLoader(folder, "train", 2, chunk_tokens=CHUNK)
+    stream = torch.cat([loader.next_rows(7)[:, :-1].flatten() for _ in range(400)]).numpy()  # into the third epoch
+    sep = SEPARATORS[bos]
+    starts = np.flatnonzero(stream == sep[0])
+    assert starts[0] == 0 and len(starts) > 2 * 20
+    chunks = {(b + s, min(CHUNK, n - s)) for b, n in zip(np.cumsum([0] + SIZES), SIZES) for s in range(0, n, CHUNK)}
+    for piece in np.split(stream, starts[1:])[:-1]:  # the last piece may be cut short
+        assert list(piece[:len(sep)]) == sep
+        tokens = piece[len(sep):]
+        # one place in the corpus (consecutive ids), a whole chunk: no two places meet without a separator between
+        assert np.array_equal(tokens, np.arange(tokens[0], tokens[0] + len(tokens)))
+        assert (tokens[0], len(tokens)) in chunks
+
+
+@pytest.mark.parametrize("world_size, B, L", [(2, 2, 11), (4, 5, 11)])  # world_size * B * L divides an epoch, 2420
+def test_ranks_read_disjoint_rows_that_cover_the_split(tmp_path, world_size, B, L):
     folder = labelled_dir(tmp_path / "d", SIZES)
-    B, L = 3, 10
     loaders = [data.TokenLoader(folder, "train", B, rank=r, world_size=world_size, chunk_tokens=CHUNK)
                for r in range(world_size)]
     single = data.TokenLoader(folder, "train", world_size * B, chunk_tokens=CHUNK)
     for epoch in range(2):
         inputs = []
-        for _ in range(sum(SIZES) // (world_size * B * L)):
+        for _ in range(single.epoch_tokens // (world_size * B * L)):
             everyone = single.next_rows(L)
             for r, loader in enumerate(loaders):
                 rows = loader.next_rows(L)
                 assert torch.equal(rows, everyone[r * B:(r + 1) * B])  # rank r has rows rB..(r+1)B-1 of the step
                 inputs.append(rows[:, :-1].flatten())
         inputs = torch.cat(inputs)
-        assert torch.equal(inputs.sort().values, torch.arange(sum(SIZES)))  # every token once: disjoint, complete
+        tokens = inputs[inputs != 2400]
+        # every token once (disjoint, complete) and a separator before each of the 20 chunks
+        assert torch.equal(tokens.sort().values, torch.arange(sum(SIZES))) and len(inputs) - len(tokens) == 20
         if epoch == 0:
             first_order = inputs
     assert not torch.equal(inputs, first_order)  # the second epoch is another order
     assert all(loader.epoch == 2 for loader in loaders)
 
 
-def test_resume_anywhere_returns_exactly_the_rows_of_an_uninterrupted_run(tmp_path):
-    folder = labelled_dir(tmp_path / "d", SIZES)
-    schedule = [4 * 24] * 6 + [24] * 20  # s=4, T=24: a phase switch after 6 steps, an epoch wrap after 7
+@pytest.mark.parametrize("bos", [False, True])
+def test_resume_anywhere_returns_exactly_the_rows_of_an_uninterrupted_run(tmp_path, bos):
+    folder = labelled_dir(tmp_path / "d", SIZES, bos=bos)
+    schedule = [4 * 24] * 6 + [24] * 20  # s=4, T=24: a phase switch after 6 steps, an epoch wrap in the 7th
     make = lambda: data.TokenLoader(folder, "train", 2, seed=3, rank=1, world_size=2, chunk_tokens=CHUNK)
     straight = make()
     expected, states = [], []
@@ -328,7 +440,7 @@ def test_resume_anywhere_returns_exactly_the_rows_of_an_uninterrupted_run(tmp_pa
         states.append(straight.state_dict())
         expected.append(straight.next_rows(L))
     assert straight.epoch == 1
-    for k in [0, 3, 6, 7, 8, len(schedule) - 1]:  # mid phase 1, at the switch, at the wrap, after both
+    for k in range(len(schedule)):  # every step: mid phase 1, at the switch, at the wrap, after both
         path = tmp_path / f"ckpt{k}.pt"
         torch.save({"loader": states[k]}, path)
         resumed = make()
@@ -344,6 +456,11 @@ def test_resume_anywhere_returns_exactly_the_rows_of_an_uninterrupted_run(tmp_pa
     one.load_state_dict(two[0].state_dict())
     assert torch.equal(one.next_rows(24), torch.cat([loader.next_rows(24) for loader in two]))
 
+    # a state from before the separators counts positions in another stream
+    old = {k: v for k, v in states[3].items() if k != "separator"}
+    with pytest.raises(UserError, match="loader state has no 'separator'.*joined chunks without one"):
+        make().load_state_dict(old)
+
 
 def test_a_fresh_validation_loader_gives_the_same_rows_and_seeds_change_the_order(tmp_path):
     folder = labelled_dir(tmp_path / "d", SIZES)
@@ -355,7 +472,7 @@ def test_a_fresh_validation_loader_gives_the_same_rows_and_seeds_change_the_orde
 def test_an_epoch_wrap_is_reported(tmp_path, capsys):
     folder = labelled_dir(tmp_path / "d", SIZES)
     loaders = [data.TokenLoader(folder, "train", 10, rank=r, world_size=2, chunk_tokens=CHUNK) for r in range(2)]
-    for _ in range(11):  # 11 * 2 * 10 * 10 = 2200 of 2400 tokens
+    for _ in range(12):  # 12 * 2 * 10 * 10 = 2400 of the epoch's 2420 tokens
         [loader.next_rows(10) for loader in loaders]
     assert loaders[0].epoch == 0 and capsys.readouterr().out == ""
     [loader.next_rows(10) for loader in loaders]
@@ -413,7 +530,7 @@ def test_a_vocabulary_too_large_for_the_shard_dtype(tmp_path):
 
 
 def test_bad_shards_and_folders(tmp_path):
-    with pytest.raises(UserError, match="meta.json not found.*python data.py"):
+    with pytest.raises(UserError, match="meta.json not found.*not a prepared data folder.*python data.py"):
         data.TokenLoader(tmp_path, "train", 1)
     folder = labelled_dir(tmp_path / "d", SIZES)
     with pytest.raises(UserError, match="no 'val' split"):
@@ -426,6 +543,81 @@ def test_bad_shards_and_folders(tmp_path):
     shard.write_bytes(good[:len(good) // 2])
     with pytest.raises(UserError, match="train_000001.bin is truncated"):
         data.TokenLoader(folder, "train", 1)
+
+
+def test_a_token_id_past_the_vocabulary_is_named_before_the_model_sees_it(tmp_path):
+    # today's folders: each shard's largest id is in meta.json, checked without reading the shards again
+    data.prepare(write_docs(tmp_path / "docs", make_docs(30)), "bytes", tmp_path / "new", val_tokens=200, num_proc=1)
+    meta_path = tmp_path / "new" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    assert data.check_token_ids(tmp_path / "new", 257) == meta and data.check_token_ids(tmp_path / "new", 300) == meta
+    with pytest.raises(UserError, match=r"vocab_size=200 is smaller than the data's vocabulary \(257 ids, tokenizer "
+                                        r"bytes, .*new/val_000000.bin holds id 256\): use 0"):
+        data.check_token_ids(tmp_path / "new", 200)
+    meta_path.write_text(json.dumps({**meta, "vocab_size": 200}))
+    for check in (lambda: data.load_meta(tmp_path / "new"), lambda: data.TokenLoader(tmp_path / "new", "train", 1)):
+        with pytest.raises(UserError, match=r"new/val_000000.bin holds token id 256 \(as .*meta.json records it\), "
+                                            r"outside its vocab_size of 200.*python data.py --source"):
+            check()
+    meta_path.write_text(json.dumps({**meta, "vocab_size": 1000}))  # accepted by the shards, not by the tokenizer
+    with pytest.raises(UserError, match="meta.json: vocab_size 1,000, but tokenizer 'bytes' has 257 ids.*set it "
+                                        "back to 257"):
+        data.check_token_ids(tmp_path / "new", 1000)
+
+    # folders prepared before ids were recorded: the loader checks each slice it reads, the validation rows theirs
+    old = labelled_dir(tmp_path / "old", SIZES, record_max=False)
+    meta = json.loads((old / "meta.json").read_text())
+    (old / "meta.json").write_text(json.dumps({**meta, "vocab_size": 1500, "eot": 0}))  # ids 1500..2399 are past it
+    assert data.check_token_ids(old, 1500)["vocab_size"] == 1500  # nothing recorded, nothing read
+    loader = data.TokenLoader(old, "train", 2, chunk_tokens=CHUNK)
+    with pytest.raises(UserError, match=r"old/train_00000[12].bin holds token id (1,[5-9]|2,[0-3])\d\d \(its token "
+                                        r"\d+\), outside the data's vocabulary of 1,500 ids.*delete it and re-run "
+                                        r"python data.py --source test"):
+        for _ in range(100):
+            loader.next_rows(64)
+    old_val = labelled_dir(tmp_path / "old_val", SIZES, split="val", record_max=False)
+    meta = json.loads((old_val / "meta.json").read_text())
+    (old_val / "meta.json").write_text(json.dumps({**meta, "vocab_size": 1000, "eot": 0}))
+    with pytest.raises(UserError, match=r"old_val/val_000001.bin holds token id 1,000 \(its token 300\)"):
+        data.validation_rows(old_val, 64, 1000)
+
+
+def test_a_damaged_meta_json_is_named_with_the_command_that_remakes_the_folder(tmp_path):
+    source = write_docs(tmp_path / "docs", make_docs(20))
+    out = tmp_path / "out"
+    kw = dict(val_tokens=0, shard_tokens=700, num_proc=1)
+    reference = data.prepare(source, "bytes", out, **kw)
+    meta_path = out / "meta.json"
+    good = meta_path.read_text()
+    general = f"python data.py --source SOURCE --tokenizer TOKENIZER --out_dir {out}"
+    for text, problem in [(good[:len(good) // 2], r"is not JSON \(.*\(char \d+\)\)"), ("[]", "is not a JSON object")]:
+        meta_path.write_text(text)
+        # loading it and preparing into it again say the same
+        for call in (lambda: data.load_meta(out), lambda: data.prepare(source, "bytes", out, **kw)):
+            with pytest.raises(UserError, match=f"meta.json {problem}: it is damaged. Delete it and prepare the folder "
+                                                f"again with {re.escape(general)}$"):
+                call()
+    meta_path.write_text(json.dumps({k: v for k, v in reference.items() if k not in ("shards", "done")}))
+    with pytest.raises(UserError, match="meta.json lacks shards, done: it is damaged") as damaged:
+        data.load_meta(out)
+    command = shlex.split(str(damaged.value).split("again with ")[1])
+    assert command[:8] == ["python", "data.py", "--source", source, "--tokenizer", "bytes", "--out_dir", str(out)]
+    meta_path.unlink()  # as the message says: then its command remakes the folder
+    assert data.prepare(source, "bytes", out, **kw) == reference
+
+
+def test_a_missing_data_folder_is_named_without_guessing_its_source(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError) as missing:
+        data.load_meta("data/books_gpt2")
+    message = str(missing.value)
+    assert message.startswith(f"data folder data/books_gpt2 does not exist (a relative path is from the current "
+                              f"directory, {tmp_path}): prepare it (python data.py --help lists the sources and ")
+    assert message.endswith(" with python data.py --source SOURCE --tokenizer TOKENIZER --out_dir data/books_gpt2")
+    assert "stdlib" not in message
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="^empty/meta.json not found: empty is not a prepared data folder: prepare it"):
+        data.load_meta("empty")
 
 
 def test_validation_rows_are_the_start_of_the_val_split_in_order(tmp_path):
@@ -478,9 +670,9 @@ def test_rerunning_with_other_settings_is_refused(tmp_path):
 def test_suggested_commands_survive_the_shell(tmp_path, monkeypatch):
     books = write_docs(tmp_path / "my books", make_docs(60, seed=4))  # a glob, in a folder whose name has a space
     out = tmp_path / "out [v1]"
-    with pytest.raises(UserError, match="meta.json not found") as missing:
+    with pytest.raises(UserError, match="does not exist") as missing:
         data.load_meta(out)
-    assert shlex.split(str(missing.value).split("e.g. ")[1])[-2:] == ["--out_dir", str(out)]
+    assert shlex.split(str(missing.value).split(" with ")[-1])[-2:] == ["--out_dir", str(out)]
 
     kw = dict(val_tokens=500, shard_tokens=1000, num_proc=1)
     monkeypatch.setattr(data, "BATCH_CHARS", 300)

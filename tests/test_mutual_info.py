@@ -1,4 +1,5 @@
-"""mutual_info.py: I(d) recovered where known in closed form, the bias correction, the power-law fit, the command."""
+"""tools/mutual_info.py: I(d) recovered where known in closed form, the bias correction, the power-law fit, the
+command."""
 
 import bisect
 import json
@@ -10,9 +11,9 @@ import numpy as np
 import pytest
 
 import data
-import mutual_info
+import tools.mutual_info as mutual_info
 import tst
-from data import UserError
+from cli import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,8 +52,8 @@ def stream_dir(folder, tokens, vocab_size, n_shards=2):
     for i, part in enumerate(np.array_split(tokens, n_shards)):
         data.write_shard(folder / f"train_{i:06d}.bin", part, "uint16")
         shards.append({"file": f"train_{i:06d}.bin", "split": "train", "tokens": len(part), "docs_end": i + 1})
-    meta = {"source": "test", "tokenizer": "none", "vocab_size": vocab_size, "dtype": "uint16", "done": True,
-            "train_tokens": len(tokens), "val_tokens": 0, "shards": shards}
+    meta = {"source": "test", "tokenizer": "none", "vocab_size": vocab_size, "dtype": "uint16", "eot": vocab_size - 1,
+            "bos": None, "done": True, "train_tokens": len(tokens), "val_tokens": 0, "shards": shards}
     (folder / "meta.json").write_text(json.dumps(meta))
     return folder
 
@@ -125,7 +126,7 @@ def test_the_command_on_text_prepared_by_data_py(tmp_path, capsys):
 
 def test_bad_inputs_are_user_errors(tmp_path):
     folder = stream_dir(tmp_path / "small", np.arange(10_000) % 50, vocab_size=50)
-    for args, message in [(["--data_dir", str(tmp_path / "nowhere")], "meta.json not found"),
+    for args, message in [(["--data_dir", str(tmp_path / "nowhere")], "nowhere does not exist"),
                           (["--data_dir", str(folder), "--max_distance", "3"], "at least 4 distances"),
                           (["--data_dir", str(folder), "--window", "32"], "longer than max_distance"),
                           (["--data_dir", str(folder), "--sample_tokens", "1000"], "at least two windows"),
@@ -135,7 +136,17 @@ def test_bad_inputs_are_user_errors(tmp_path):
             mutual_info.main(args)
 
 
-def test_the_script_prints_a_user_error_as_one_line(tmp_path):
-    run = subprocess.run([sys.executable, "mutual_info.py", "--data_dir", str(tmp_path / "nowhere")], cwd=ROOT,
-                         capture_output=True, text=True)
-    assert run.returncode == 1 and run.stderr.startswith("error: ") and run.stderr.count("\n") == 1
+def test_by_default_the_sample_is_the_train_split_up_to_8m_tokens_and_the_output_says_so(tmp_path, capsys):
+    folder = stream_dir(tmp_path / "small", np.random.default_rng(4).integers(0, 50, 20_000), vocab_size=50)
+    result = mutual_info.main(["--data_dir", str(folder), "--window", "1000"])
+    assert result["windows"] == 20 and result["sample_tokens"] == 20_000  # two shards of 10,000: every window
+    assert ("20 windows of 1,000 = 20,000 of 20,000 train tokens (seed 0; the default sample: the whole train split, "
+            "in whole windows, as it holds under 8,000,000)") in capsys.readouterr().out
+
+
+def test_the_script_runs_from_anywhere_and_prints_a_user_error_as_one_line(tmp_path):
+    # python tools/mutual_info.py finds data.py itself, from any current directory
+    run = subprocess.run([sys.executable, str(ROOT / "tools" / "mutual_info.py"), "--data_dir", "nowhere"],
+                         cwd=tmp_path, capture_output=True, text=True)
+    assert run.returncode == 1 and run.stderr.startswith("error: data folder nowhere does not exist")
+    assert run.stderr.count("\n") == 1

@@ -1,12 +1,13 @@
 """
 The mutual information I(d) between tokens d positions apart in a prepared data folder, and the bag weights it implies.
 
-    python data.py mi --data_dir data/X --max_distance 32 --s 16     (the same as: python mutual_info.py ...)
+    python tools/mutual_info.py --data_dir data/X --max_distance 32 --s 16
 
 Sample: sample_tokens // window non-overlapping windows of `window` consecutive train tokens, at random
-(np.random.default_rng(seed)); a pair (x, y) taken inside a window lies exactly d tokens apart. The N pairs of each
-distance are counted sparsely (np.unique on the int64 keys x * V + y: a dense V x V table does not fit at V = 128k),
-their marginals from the same pairs.
+(np.random.default_rng(seed)); by default as many as the train split holds, up to 8M tokens (about a minute on 2
+cores). A pair (x, y) taken inside a window lies exactly d tokens apart. The N pairs of each distance are counted
+sparsely (np.unique on the int64 keys x * V + y: a dense V x V table does not fit at V = 128k), their marginals from
+the same pairs.
 
 Estimator: the plug-in I = sum c_xy / N * log(c_xy N / (c_x c_y)) is biased upward by about
 (K_xy - K_x - K_y + 1) / (2N), K being the occupied cells, rows and columns; I(d) is the plug-in less that bias
@@ -29,22 +30,29 @@ from pathlib import Path
 
 import numpy as np
 
-import data
-from data import UserError
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: cli, data
+import cli  # noqa: E402
+import data  # noqa: E402
+from cli import UserError  # noqa: E402
 
 PAPER_FIT = {"C0": 3.63, "a": 1.35, "k": -1.25}  # DCLM, Llama 3 tokenizer (METHOD.md)
+SAMPLE_TOKENS = 8_000_000  # the default sample, where the train split holds that many
 
 
 def sample_windows(data_dir, sample_tokens, window, seed):
-    """(sample_tokens // window, window) int64: non-overlapping windows of the train split in random order; and
-    meta.json's contents."""
+    """(sample_tokens // window, window) int64: non-overlapping windows of the train split in random order
+    (sample_tokens None: as many as the split holds, up to SAMPLE_TOKENS tokens); and meta.json's contents."""
     meta = data.load_meta(data_dir)
     shards = [s for s in meta["shards"] if s["split"] == "train"]
     slots = np.array([s["tokens"] // window for s in shards], np.int64)  # whole windows that fit in each shard
-    n_windows = sample_tokens // window
+    n_windows = min(SAMPLE_TOKENS // window, slots.sum()) if sample_tokens is None else sample_tokens // window
     if n_windows > slots.sum():
         raise UserError(f"sample_tokens={sample_tokens:,} is more than the {slots.sum() * window:,} tokens of the "
                         f"train split of {data_dir} that whole windows of {window:,} can cover: sample fewer tokens")
+    if n_windows < 2:  # the bias is measured across two windows
+        raise UserError(f"the sample must hold at least two windows of {window:,} tokens: it holds {n_windows} "
+                        f"(the train split of {data_dir} holds {slots.sum()}): a larger --sample_tokens or a "
+                        f"smaller --window")
     picks = np.random.default_rng(seed).choice(slots.sum(), n_windows, replace=False)
     ends = np.cumsum(slots)
     shard_of = np.searchsorted(ends, picks, side="right")
@@ -64,15 +72,14 @@ def mutual_information(x, y, vocab_size):
     return float(c @ log_ratio / n), bias
 
 
-def estimate(data_dir, max_distance=32, sample_tokens=8_000_000, window=1024, seed=0):
-    """I(d) for d = 1..max_distance from a sample of the train split, with plug-in values and bias estimates."""
+def estimate(data_dir, max_distance=32, sample_tokens=None, window=1024, seed=0):
+    """I(d) for d = 1..max_distance from a sample of the train split (sample_tokens None: the default one), with
+    plug-in values and bias estimates."""
     if max_distance < 4:
         raise UserError(f"max_distance={max_distance}: the fit C0 + a d^k has three parameters and needs at least "
                         f"4 distances")
     if window <= max_distance:
         raise UserError(f"window={window} must be longer than max_distance={max_distance}")
-    if sample_tokens < 2 * window:
-        raise UserError(f"sample_tokens={sample_tokens:,} must hold at least two windows of {window:,} tokens")
     t0 = time.time()
     windows, meta = sample_windows(data_dir, sample_tokens, window, seed)
     V = meta["vocab_size"]
@@ -80,7 +87,8 @@ def estimate(data_dir, max_distance=32, sample_tokens=8_000_000, window=1024, se
                           for d in range(1, max_distance + 1)])
     # each window against the next one in the random order: the same estimator where the true value is about 0
     apart = mutual_information(windows[:, :-max_distance].ravel(), np.roll(windows, 1, 0)[:, max_distance:].ravel(), V)
-    return {"data_dir": str(data_dir), "vocab_size": V, "train_tokens": meta["train_tokens"],
+    train_tokens = sum(s["tokens"] for s in meta["shards"] if s["split"] == "train")
+    return {"data_dir": str(data_dir), "vocab_size": V, "train_tokens": train_tokens,
             "sample_tokens": windows.size, "window": window, "windows": len(windows), "seed": seed,
             "max_distance": max_distance, "pairs": [len(windows) * (window - d) for d in range(1, max_distance + 1)],
             "mi": [p - b for p, b in zip(plug_in, bias)], "mi_plug_in": list(plug_in), "bias": list(bias),
@@ -129,13 +137,12 @@ def plot(path, result, fit):
 
 
 def main(argv):
-    parser = argparse.ArgumentParser(prog="python data.py mi", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data_dir", required=True, help="a folder prepared by python data.py")
     parser.add_argument("--max_distance", type=int, default=32, help="D: measure I(d) for d = 1..D")
     parser.add_argument("--s", type=int, default=16, help="the bag size whose weights to print")
-    parser.add_argument("--sample_tokens", type=lambda x: int(float(x)), default=8_000_000,
-                        help="train tokens to sample (about a minute on 2 cores at the default)")
+    parser.add_argument("--sample_tokens", type=data.count, default=None,
+                        help=f"train tokens to sample (default: the whole train split, up to {SAMPLE_TOKENS:,})")
     parser.add_argument("--window", type=int, default=1024, help="tokens per sampled window")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -143,8 +150,12 @@ def main(argv):
         raise UserError(f"--s {args.s}: a bag holds at least 1 token")
 
     result = estimate(args.data_dir, args.max_distance, args.sample_tokens, args.window, args.seed)
+    note = ""
+    if args.sample_tokens is None:  # what the default took
+        note = (f"; the default sample: the whole train split, in whole windows, as it holds under {SAMPLE_TOKENS:,}"
+                if result["train_tokens"] < SAMPLE_TOKENS else f"; the default sample: at most {SAMPLE_TOKENS:,}")
     print(f"{args.data_dir}: {result['windows']:,} windows of {args.window:,} = {result['sample_tokens']:,} of "
-          f"{result['train_tokens']:,} train tokens (seed {args.seed}), vocabulary {result['vocab_size']:,}, "
+          f"{result['train_tokens']:,} train tokens (seed {args.seed}{note}), vocabulary {result['vocab_size']:,}, "
           f"{result['seconds']:.1f}s")
     print(f"{'d':>3} {'I(d) nats':>10} {'plug-in':>9} {'bias':>9} {'pairs':>11}")
     for d, row in enumerate(zip(result["mi"], result["mi_plug_in"], result["bias"], result["pairs"]), 1):
@@ -176,8 +187,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    cli.run(main)
