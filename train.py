@@ -250,10 +250,6 @@ class Run:
     def master(self):
         return self.rank == 0
 
-    @property
-    def distributed(self):
-        return self.world > 1 or dist.is_initialized()
-
 
 def setup_processes(config):
     """Rank, world size and device, from torchrun's environment (one process without it)."""
