@@ -12,15 +12,17 @@ Shard OUT_DIR/{split}_{index:06d}.bin: a 24-byte little-endian header (b"TSTTOKE
 per token: 2 or 4, uint64 token count), then the tokens, little-endian; meta.json lists the shards (each with its
 largest token id, max_id) and the settings.
 
-Rows: a split is one stream, its shards in order, cut into chunks of chunk_tokens tokens (a chunk never spans two
-shards). Epoch e serves the chunks in the order np.random.default_rng([seed, e]).permutation(n_chunks), each after the
-separator: the document prefix again (meta.json's eot, then bos where there is one), since a chunk mostly starts
-mid-document and a join of two chunks, two unrelated places of the corpus, must read as a document boundary. Epoch
-follows epoch in one endless stream. next_rows(L) cuts the next world_size * batch_size rows from it, back to back,
-each L + 1 consecutive tokens of the stream, separators included (L inputs; the labels are the same tokens shifted by
-one, so each row's last token is the next row's first); rank r takes rows r * batch_size ... (r + 1) * batch_size - 1.
-The position in that stream is the loader's whole state, the same on every rank: a checkpoint from any rank resumes
-all of them, under any world size or row length.
+Rows: a split is cut into windows of `window` tokens (the loader's setting: a multiple of every stage's row length,
+s*T and T), each within one shard, plus the token after it as its last label; a shard's last few tokens that make no
+whole window are not read. Epoch e visits the windows in a shuffled order (a pseudo-random permutation keyed by
+[seed, e], computed in O(1) memory) and a row of L tokens is piece k of a window, its tokens [k*L, k*L + L]: a stage
+of k pieces to a window takes piece 0 of its windows in that order, then piece 1, and so on; a new stage starts at the
+windows the earlier ones did not touch. So the rows of a step, and those of consecutive steps, come from unrelated
+places of the corpus (as in Megatron's shuffled sample index), a row never joins two places, and no token is read
+twice in an epoch. next_rows(L) takes the next world_size * batch_size rows; rank r keeps rows r * batch_size ...
+(r + 1) * batch_size - 1, so the global batch is the same for any world size. The epoch, the windows touched and the
+rows served are the loader's whole state, the same on every rank: a checkpoint from any rank resumes all of them,
+under any world size.
 """
 
 import argparse
@@ -283,7 +285,7 @@ def read_shard(path, fix="re-run the python data.py command that made it"):
 
 def load_meta(data_dir):
     """meta.json of a prepared folder, checked against itself: complete, its vocabulary fits its dtype, and neither a
-    shard (each one's largest id is recorded at preparation) nor the separator holds an id past its vocab_size."""
+    shard (each one's largest id is recorded at preparation) nor the document prefix holds an id past its vocab_size."""
     path = Path(data_dir) / "meta.json"
     if not path.exists():
         how = f"prepare it (python data.py --help lists the sources and tokenizers) with {_command({}, data_dir)}"
@@ -303,16 +305,15 @@ def load_meta(data_dir):
                             f"records it), outside its vocab_size of {meta['vocab_size']:,}: meta.json or the shard "
                             f"has changed since preparation; restore it, or delete the folder and prepare it again "
                             f"with {_command(meta, data_dir)}")
-    if max(_separator(meta)) >= meta["vocab_size"]:
-        raise UserError(f"{path}: the separator {_separator(meta)} (eot, then bos) is outside its vocab_size of "
+    if max(_document_prefix(meta)) >= meta["vocab_size"]:
+        raise UserError(f"{path}: the document prefix {_document_prefix(meta)} (eot, then bos) is outside its vocab_size of "
                         f"{meta['vocab_size']:,}: meta.json has changed since preparation; restore it, or delete the "
                         f"folder and prepare it again with {_command(meta, data_dir)}")
     return meta
 
 
-def _separator(meta):
-    """What the loader puts before each chunk: the tokenizer's document prefix (eot, then bos where there is one), from
-    what meta.json records of the tokenizer."""
+def _document_prefix(meta):
+    """What precedes every document in the shards (eot, then bos where there is one), from meta.json."""
     return [meta["eot"]] + ([meta["bos"]] if meta["bos"] is not None else [])
 
 
@@ -545,9 +546,6 @@ def _write_meta(out_dir, meta):
 # -----------------------------------------------------------------------------
 # Loader
 
-CHUNK_TOKENS = 1 << 16  # the unit of shuffling
-
-
 def _split_shards(data_dir, split):
     """meta.json and the shards of one split, each checked against meta.json now rather than hours into a run; and what
     to do about a bad one."""
@@ -578,126 +576,155 @@ def _check_ids(tokens, path, start, vocab_size, fix):
                         f"to another folder: {fix}")
 
 
-class TokenLoader:
-    """Rows for either TST phase from one split, as the module docstring gives them.
+def shuffled(indices, n, key):
+    """A pseudo-random permutation of range(n), evaluated at `indices` (an array): the same bijection for the same n
+    and key, computed in O(1) memory, so that an epoch of a 100B-token split needs no stored order. A Feistel network
+    on the smallest even number of bits that holds n is a bijection of that power of two; a value that lands at n or
+    beyond is sent through it again until it is back in range ("cycle walking"), which keeps it a bijection of
+    range(n) and costs fewer than 4 passes on average."""
+    bits = max(2, (n - 1).bit_length() + (n - 1).bit_length() % 2)
+    half, mask = np.uint64(bits // 2), np.uint64((1 << bits // 2) - 1)
+    round_keys = np.random.default_rng(key).integers(0, 2**63, size=6, dtype=np.uint64)
+    x = np.array(indices, dtype=np.uint64)
+    walking = np.ones(len(x), dtype=bool)
+    while walking.any():
+        y = x[walking]
+        for k in round_keys:
+            left, right = y >> half, y & mask
+            y = (right << half) | (left ^ (_scramble(right ^ k) & mask))
+        x[walking] = y
+        walking = x >= n
+    return x.astype(np.int64)
 
-    tokens: the split's size; epoch_tokens: one epoch of the stream, the tokens and a separator before each chunk;
-    position: tokens of the endless stream consumed by all ranks so far; epoch: position // epoch_tokens, announced on
-    rank 0 each time it grows; vocab_size: from meta.json; separator: the tokens before each chunk.
+
+def _scramble(z):
+    """splitmix64's finaliser: every bit of z (uint64, an array) moves about half the bits of the result."""
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+class TokenLoader:
+    """Rows for every stage from one split, each from its own place in it, as the module docstring describes.
+
+    tokens: the split's size; window: the tokens of a window, a multiple of every row length asked for; windows: how
+    many the split holds; epoch: passes begun after the first, announced on rank 0; vocab_size: from meta.json.
     """
 
-    def __init__(self, data_dir, split, batch_size, *, seed=0, rank=0, world_size=1, chunk_tokens=CHUNK_TOKENS):
+    def __init__(self, data_dir, split, batch_size, *, window, seed=0, rank=0, world_size=1):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in 0..world_size-1 = 0..{world_size - 1}")
-        self.data_dir, self.split, self.batch_size = Path(data_dir), split, batch_size
-        self.seed, self.rank, self.world_size, self.chunk_tokens = seed, rank, world_size, chunk_tokens
+        self.data_dir, self.split, self.batch_size, self.window = Path(data_dir), split, batch_size, window
+        self.seed, self.rank, self.world_size = seed, rank, world_size
         meta, shards, self._fix = _split_shards(data_dir, split)
         self.vocab_size = meta["vocab_size"]
-        self._dtype = DTYPES[meta["dtype"]]
-        self.separator = np.array(_separator(meta), self._dtype)
         self._files = [self.data_dir / s["file"] for s in shards]
-        # chunk i is tokens [start, start + length) of shard _shard[i]
-        chunks = np.array([(i, start, min(chunk_tokens, s["tokens"] - start))
-                           for i, s in enumerate(shards) for start in range(0, s["tokens"], chunk_tokens)])
-        self._shard, self._start, self._length = chunks.T
         self.tokens = sum(s["tokens"] for s in shards)
-        self.epoch_tokens = self.tokens + len(chunks) * len(self.separator)
-        self.position = 0
+        # shard i holds windows _first[i] .. _first[i + 1] - 1: `window` tokens each, and the token after the last
+        # (its last label); the rest of a shard, fewer than window + 1 tokens, is never read
+        self._first = np.cumsum([0] + [max(0, (s["tokens"] - 1) // window) for s in shards])
+        self.windows = int(self._first[-1])
+        if self.windows == 0:
+            raise UserError(f"rows of {window + 1:,} tokens do not fit any shard of the {split!r} split of {data_dir} "
+                            f"(its largest: {max(s['tokens'] for s in shards):,} tokens): prepare more data (a larger "
+                            f"--shard_tokens, or --val_tokens for val) or use a smaller seq_len or s")
         self.epoch = 0
-        self._epoch_order = (None, None, None)  # the last epoch asked for, its order of chunks, where they end
-
-    def _order(self, epoch):
-        """The chunks in epoch `epoch`'s order, and where each ends (its separator before it) in that epoch's stream."""
-        if self._epoch_order[0] != epoch:
-            order = np.random.default_rng([self.seed, epoch]).permutation(len(self._length))
-            self._epoch_order = (epoch, order, np.cumsum(len(self.separator) + self._length[order]))
-        return self._epoch_order[1:]
-
-    def _read(self, position, n):
-        out = np.empty(n, self._dtype)
-        sep = self.separator
-        done = 0
-        while done < n:
-            epoch, q = divmod(position + done, self.epoch_tokens)
-            order, ends = self._order(epoch)
-            k = np.searchsorted(ends, q, side="right")  # stream position q is in chunk order[k] or the separator before
-            c = order[k]
-            into = q - (ends[k] - self._length[c] - len(sep))  # tokens from the separator's start to q
-            if into < len(sep):
-                take = min(n - done, len(sep) - into)
-                out[done:done + take] = sep[into:into + take]
-            else:
-                start = self._start[c] + into - len(sep)
-                take = min(n - done, ends[k] - q)
-                # map the shard for each read rather than keeping thousands open: no file-handle limit, and the pages
-                # read are not charged to this process for the whole run
-                tokens = read_shard(self._files[self._shard[c]])[start:start + take]
-                _check_ids(tokens, self._files[self._shard[c]], start, self.vocab_size, self._fix)
-                out[done:done + take] = tokens
-            done += take
-        return out
+        self._start = 0  # windows of this epoch's order touched by stages before the current one
+        self._row_tokens = 0  # the current stage's row length
+        self._served = 0  # rows of that length served since it began (or since the epoch began)
 
     def next_rows(self, L):
         """(batch_size, L+1) int64: this rank's rows of the next world_size*batch_size rows of L tokens (+1 label)."""
-        if L + 1 > self.tokens:
-            raise UserError(f"a row of {L + 1:,} tokens is longer than the whole {self.split!r} split of "
-                            f"{self.data_dir} ({self.tokens:,} tokens): prepare more data (--val_tokens for val) "
-                            f"or use a smaller T or s")
+        if L < 1 or self.window % L:
+            raise ValueError(f"rows of {L} tokens: the loader's window of {self.window} tokens must be a whole "
+                             f"number of rows (TokenLoader's window: a multiple of every stage's row length)")
         B = self.batch_size
-        tokens = self._read(self.position + self.rank * B * L, B * L + 1)
-        self.position += self.world_size * B * L
-        if self.position // self.epoch_tokens > self.epoch:
-            self.epoch = self.position // self.epoch_tokens
-            if self.rank == 0:
-                print(f"TokenLoader: the {self.split} split of {self.data_dir} ({self.tokens:,} tokens) has been "
-                      f"served in full; epoch {self.epoch} starts, repeating it in a new order", flush=True)
-        rows = np.lib.stride_tricks.sliding_window_view(tokens, L + 1)[::L]  # a view: row i starts at token i*L
+        windows, pieces = self._claim(L, self.world_size * B)
+        windows, pieces = windows[self.rank * B:(self.rank + 1) * B], pieces[self.rank * B:(self.rank + 1) * B]
+        shards = np.searchsorted(self._first, windows, side="right") - 1
+        rows = np.empty((B, L + 1), np.int64)
+        for i, (shard, window, piece) in enumerate(zip(shards, windows, pieces)):
+            start = (window - self._first[shard]) * self.window + piece * L
+            # the shard is mapped for each read rather than kept open: thousands of shards need no file-handle
+            # limit, and the pages read are not charged to this process for the whole run
+            tokens = read_shard(self._files[shard])[start:start + L + 1]
+            _check_ids(tokens, self._files[shard], start, self.vocab_size, self._fix)
+            rows[i] = tokens
         import torch  # here, not at the top: preparing data needs no torch, whose import takes seconds
-        return torch.from_numpy(rows.astype(np.int64))
+        return torch.from_numpy(rows)
+
+    def _claim(self, L, n):
+        """The next n rows of L tokens of all ranks -> (window, piece) of each; piece k of a window is its tokens
+        [k*L, k*L + L]. A stage reads the windows that no earlier stage touched this epoch, in the epoch's shuffled
+        order, and with k rows to a window it takes piece 0 of every one of them, then piece 1, ...: neighbouring
+        rows come from unrelated windows, and no token is read twice in an epoch."""
+        if L != self._row_tokens:  # a new stage: skip the windows the last one touched (all, once it read `left`)
+            self._start += min(self._served, self.windows - self._start)
+            self._row_tokens, self._served = L, 0
+        windows, pieces = [], []
+        while n:
+            left = self.windows - self._start
+            take = min(n, left * (self.window // L) - self._served)
+            if take == 0:
+                self.epoch, self._start, self._served = self.epoch + 1, 0, 0
+                if self.rank == 0:
+                    print(f"TokenLoader: every window of the {self.split} split of {self.data_dir} "
+                          f"({self.windows:,} of {self.window:,} tokens) has been read; epoch {self.epoch} starts, "
+                          f"in a new order", flush=True)
+                continue
+            p = self._served + np.arange(take)
+            windows.append(shuffled(self._start + p % left, self.windows, [self.seed, self.epoch]))
+            pieces.append(p // left)
+            self._served += take
+            n -= take
+        return np.concatenate(windows), np.concatenate(pieces)
 
     def state_dict(self):
-        return {"split": self.split, "seed": self.seed, "tokens": self.tokens, "chunk_tokens": self.chunk_tokens,
-                "separator": [int(t) for t in self.separator], "position": int(self.position)}
+        return {"split": self.split, "seed": self.seed, "tokens": self.tokens, "window": self.window,
+                "epoch": self.epoch, "start": self._start, "row_tokens": self._row_tokens, "served": self._served}
 
     def load_state_dict(self, state):
-        if "separator" not in state:
-            raise UserError("the checkpoint's loader state has no 'separator': it is from a data.py that joined chunks "
-                            "without one, and its position counts that other stream; resume with that version of "
-                            "data.py, or start the run afresh")
+        if "window" not in state:
+            raise UserError("the checkpoint's loader state has no 'window': it is from a data.py whose batches were "
+                            "stretches of consecutive text, and it cannot continue in this one's order; resume with "
+                            "that version of data.py, or start the run afresh")
         mine = self.state_dict()
-        changed = {k: (state[k], mine[k]) for k in mine if k != "position" and state[k] != mine[k]}
+        changed = {k: (state[k], mine[k]) for k in ("split", "seed", "tokens", "window") if state[k] != mine[k]}
         if changed:
-            raise UserError(f"the checkpoint's loader read another stream {changed} (checkpoint, here): resume "
-                            f"with the same data folder, split and seed")
-        self.position = state["position"]
-        self.epoch = self.position // self.epoch_tokens
+            raise UserError(f"the checkpoint's loader read other windows {changed} (checkpoint, here): resume "
+                            f"with the same data folder, split, seed, seq_len and bag sizes")
+        self.epoch, self._start, self._row_tokens, self._served = (
+            int(state[k]) for k in ("epoch", "start", "row_tokens", "served"))
 
 
 def validation_rows(data_dir, seq_len, max_rows):
-    """The fixed held-out rows: up to max_rows rows of seq_len + 1 tokens from the start of the val split, in order,
-    each row's last token the next row's first, so that every val token is scored at most once. The same rows for
-    every process count and every evaluation; train.py splits them among the ranks, eval.py reads the same."""
+    """The fixed held-out rows: up to max_rows rows of seq_len + 1 tokens, spread evenly over the whole val split (its
+    windows of seq_len tokens, the next token as the last label), so that an evaluation samples every part of it
+    rather than its first documents. Distinct windows: every val token is scored at most once; max_rows at least the
+    split's windows: all of them. The same rows for every run of a data folder and every process count; train.py
+    splits them among the ranks, eval.py reads the same."""
     if seq_len < 1 or max_rows < 1:
         raise UserError(f"asked for at most {max_rows} validation rows of seq_len {seq_len}: both must be at least 1 "
                         f"(ask for at least one row's worth of tokens)")
     meta, shards, fix = _split_shards(data_dir, "val")
-    split_tokens = sum(s["tokens"] for s in shards)
-    n_rows = min(max_rows, (split_tokens - 1) // seq_len)
+    first = np.cumsum([0] + [max(0, (s["tokens"] - 1) // seq_len) for s in shards])
+    n_rows = min(max_rows, int(first[-1]))
     if n_rows < 1:
-        raise UserError(f"the val split of {data_dir} ({split_tokens:,} tokens) is shorter than one row of "
-                        f"{seq_len + 1} tokens: prepare the data again, into another --out_dir, with a larger "
-                        f"--val_tokens")
-    need, parts = n_rows * seq_len + 1, []
-    for shard in shards:  # only the prefix the rows cover
-        path = Path(data_dir) / shard["file"]
-        parts.append(read_shard(path)[:need])
-        _check_ids(parts[-1], path, 0, meta["vocab_size"], fix)
-        need -= len(parts[-1])
-        if need == 0:
-            break
+        raise UserError(f"the val split of {data_dir} (largest shard {max(s['tokens'] for s in shards):,} tokens) is "
+                        f"shorter than one row of {seq_len + 1} tokens: prepare the data again, into another "
+                        f"--out_dir, with a larger --val_tokens")
+    picks = np.arange(n_rows, dtype=np.int64) * int(first[-1]) // n_rows  # evenly spread, the first window first
+    rows = np.empty((n_rows, seq_len + 1), np.int64)
+    for i, shard in enumerate(shards):
+        mine = np.flatnonzero((picks >= first[i]) & (picks < first[i + 1]))
+        if len(mine):
+            path = Path(data_dir) / shard["file"]
+            tokens = read_shard(path)[:(first[i + 1] - first[i]) * seq_len + 1]
+            _check_ids(tokens, path, 0, meta["vocab_size"], fix)
+            starts = (picks[mine] - first[i]) * seq_len
+            rows[mine] = tokens[starts[:, None] + np.arange(seq_len + 1)]
     import torch  # as in next_rows
-    tokens = torch.from_numpy(np.concatenate(parts).astype(np.int64))
-    return tokens.unfold(0, seq_len + 1, seq_len)
+    return torch.from_numpy(rows)
 
 
 # -----------------------------------------------------------------------------

@@ -48,7 +48,7 @@ def token_bytes(tok):
 def heldout_batches(data_dir, tokenizer, seq_len, positions, batch_size):
     """Batches of held-out rows ((B, seq_len + 1) tokens) of a data folder prepared with `tokenizer`: train.py's,
     data.validation_rows for `positions` scored positions; positions="all": the whole val split, every token
-    after the first scored once (those after the last full row as one shorter row)."""
+    after the first of each shard scored once (those after a shard's last full row as one shorter row)."""
     if positions != "all" and positions < seq_len:
         raise UserError(f"{positions} held-out positions are less than one row of seq_len={seq_len}")
     meta = load_meta(data_dir)
@@ -56,11 +56,11 @@ def heldout_batches(data_dir, tokenizer, seq_len, positions, batch_size):
         raise UserError(f"{data_dir} was tokenized with {meta['tokenizer']!r}, the checkpoint with {tokenizer!r}")
     rows = validation_rows(data_dir, seq_len, sys.maxsize if positions == "all" else positions // seq_len)
     batches = list(rows.split(batch_size))
-    if positions == "all":
-        shards = [s["file"] for s in meta["shards"] if s["split"] == "val"]
-        val = np.concatenate([read_shard(os.path.join(data_dir, f)) for f in shards])
-        rest = torch.from_numpy(val[rows.shape[0] * seq_len:].astype(np.int64))
-        batches += [rest[None]] if len(rest) > 1 else []
+    if positions == "all":  # the rows are every whole window of every shard; then each shard's rest
+        for shard in (s["file"] for s in meta["shards"] if s["split"] == "val"):
+            val = read_shard(os.path.join(data_dir, shard))
+            rest = torch.from_numpy(val[(len(val) - 1) // seq_len * seq_len:].astype(np.int64))
+            batches += [rest[None]] if len(rest) > 1 else []
     return batches
 
 

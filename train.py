@@ -400,13 +400,10 @@ def build_run(config, argv, rank, world, device):
     meta = open_data(config, rank)
     T = config["seq_len"]
     schedule = tst.Schedule(config, config["max_steps"])  # TST
-    longest_row = T + 1
-    longest_row = schedule.longest_row(T)  # TST: rows of s*T + 1 tokens in superposition
-    if meta["train_tokens"] < longest_row:
-        raise UserError(f"rows of {longest_row} tokens do not fit the {meta['train_tokens']} train tokens of "
-                        f"{config['data_dir']}: prepare more data or lower seq_len or s")
-    loader = data.TokenLoader(config["data_dir"], "train", config["batch_size"], seed=config["seed"], rank=rank,
-                              world_size=world)
+    window = T  # the loader's windows of text, T tokens (and a label) to a row
+    window = schedule.window(T)  # TST: windows that rows of s*T and of T tokens divide evenly
+    loader = data.TokenLoader(config["data_dir"], "train", config["batch_size"], window=window, seed=config["seed"],
+                              rank=rank, world_size=world)
     val_rows = data.validation_rows(config["data_dir"], T, config["eval_tokens"] // T)  # checks the val shards
     dtype = getattr(torch, config["dtype"])
     model_config, raw_model, model, optimizer, autocast = build_model(config, device, dtype)

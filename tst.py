@@ -291,8 +291,9 @@ class Schedule:
     def stage(self, step):
         return next(stage for stage in self.stages if step < stage.end)
 
-    def longest_row(self, T):
-        return max(stage.data_tokens_per_row(T) for stage in self.stages) + 1
+    def window(self, T):
+        """The loader's window: the smallest stretch of text that every stage's rows divide evenly (4T for s = 4)."""
+        return math.lcm(*(stage.data_tokens_per_row(T) for stage in self.stages))
 
     def label(self, step):
         """The console's name for the stage of `step`: nothing for a baseline, which has one."""

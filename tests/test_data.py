@@ -145,20 +145,17 @@ def test_round_trip_text_to_shards_to_rows_to_text(tmp_path):
     assert [s["max_id"] for s in meta["shards"]] == [data.read_shard(tmp_path / "out" / s["file"]).max()
                                                      for s in meta["shards"]]
 
-    # in one shard and one chunk, an epoch of rows is the separator and the text, in both phases' row lengths
+    # rows of both phases' lengths are stretches of the prepared text, its document prefixes included
     data.prepare(write_docs(tmp_path / "docs", docs), "bytes", tmp_path / "one", val_tokens=2000, num_proc=2)
     s, T = 6, 16
-    loader = data.TokenLoader(tmp_path / "one", "train", 4, chunk_tokens=len(train))
-    inputs, last = [], None
-    while loader.position + 4 * s * T <= len(train):  # phase 1 for half the data, then phase 2
-        L = s * T if loader.position < len(train) // 2 else T
+    loader = data.TokenLoader(tmp_path / "one", "train", 4, window=s * T)
+    text = data.read_shard(tmp_path / "one" / "train_000000.bin").tolist()  # the one train shard
+    for L in [s * T] * 3 + [T] * 3:
         rows = loader.next_rows(L)
         assert rows.shape == (4, L + 1) and rows.dtype == torch.int64
-        assert last is None or last == rows[0, 0]  # the label token of a row is the next row's first input
-        inputs += [r[:-1] for r in rows]
-        last = rows[-1, -1]
-    stream = torch.cat(inputs)
-    assert stream[0] == tok.eot and tok.decode(stream[1:]) == tok.decode(train[:len(stream) - 1])
+        for row in rows.tolist():
+            # a piece of a window: found in the text at a multiple of the row length
+            assert any(text[i:i + L + 1] == row for i in range(0, len(text) - L, L))
 
 
 def test_stdlib_is_the_offline_default_corpus(tmp_path):
@@ -231,7 +228,7 @@ def test_an_interrupted_or_damaged_preparation_resumes_to_the_same_shards(tmp_pa
     assert not partial["done"] and 2 <= len(partial["shards"]) < len(reference["shards"])
     with pytest.raises(UserError, match="only partly prepared.*python data.py --source .* --val_tokens 1000 "
                                          "--shard_tokens 2000"):
-        data.TokenLoader(tmp_path / "out", "train", 2)
+        data.TokenLoader(tmp_path / "out", "train", 2, window=8)
     finished = {s["file"]: os.stat(tmp_path / "out" / s["file"]).st_mtime_ns for s in partial["shards"]}
 
     def same_as_reference():
@@ -246,7 +243,7 @@ def test_an_interrupted_or_damaged_preparation_resumes_to_the_same_shards(tmp_pa
     broken = tmp_path / "out" / reference["shards"][3]["file"]
     broken.write_bytes(broken.read_bytes()[:-7])
     with pytest.raises(UserError, match=f"{broken.name} is truncated.*re-run python data.py --source"):
-        data.TokenLoader(tmp_path / "out", "train", 2)
+        data.TokenLoader(tmp_path / "out", "train", 2, window=8)
     data.prepare(source, "bytes", tmp_path / "out", **kw)
     same_as_reference()
 
@@ -357,90 +354,117 @@ def labelled_dir(folder, sizes, split="train", bos=False, record_max=True):
     return folder
 
 
-def reference_stream(sizes, chunk, seed, epochs, separator):
-    """The order the module docstring promises, spelled out: chunks that never span shards, re-permuted each epoch,
-    each after the separator."""
+SIZES = [700, 1000, 700]  # 2400 tokens in three shards
+
+
+def places(rows):
+    """Where each row starts in the split, after checking that it is one stretch of consecutive tokens of it."""
+    rows = rows.numpy()
+    assert (np.diff(rows, axis=1) == 1).all()  # token i is i: a row that joined two places would break the run
+    return rows[:, 0]
+
+
+def windows_of(sizes, window):
+    """The split's windows, spelled out: `window` tokens from every multiple of it in each shard, with a next token."""
     bases = np.cumsum([0] + sizes)
-    chunks = [np.arange(b + s, b + min(s + chunk, n)) for b, n in zip(bases, sizes) for s in range(0, n, chunk)]
-    orders = [np.random.default_rng([seed, e]).permutation(len(chunks)) for e in range(epochs)]
-    return np.concatenate([np.r_[separator, chunks[i]] for order in orders for i in order])
+    return [b + k * window for b, n in zip(bases, sizes) for k in range((n - 1) // window)]
 
 
-SIZES, CHUNK = [700, 1000, 700], 128  # 2400 tokens in 20 chunks, some short
-SEPARATORS = {False: [2400], True: [2400, 2401]}  # eot; eot, bos
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 17, 64, 1000, 4097])
+def test_shuffled_is_a_permutation_fixed_by_its_key(n):
+    order = data.shuffled(np.arange(n), n, [7, 0])
+    assert sorted(order.tolist()) == list(range(n))
+    assert np.array_equal(data.shuffled(np.arange(n)[::-1], n, [7, 0]), order[::-1])  # pointwise, any order asked
+    if n >= 17:
+        assert not np.array_equal(data.shuffled(np.arange(n), n, [7, 1]), order)  # another epoch, another order
+        assert abs(np.corrcoef(np.arange(n), order)[0, 1]) < 0.5  # not a near-identity
 
 
-@pytest.mark.parametrize("bos", [False, True])
-def test_rows_are_windows_of_the_shuffled_stream_in_both_phases(tmp_path, bos):
-    folder = labelled_dir(tmp_path / "d", SIZES, bos=bos)
-    ref = reference_stream(SIZES, CHUNK, seed=7, epochs=5, separator=SEPARATORS[bos])
-    loaders = [data.TokenLoader(folder, "train", 3, seed=7, rank=r, world_size=2, chunk_tokens=CHUNK) for r in range(2)]
-    assert loaders[0].epoch_tokens == 2400 + 20 * len(SEPARATORS[bos])
-    position = 0
-    for L in [6 * 16] * 9 + [16] * 40 + [5 * 16] * 5:  # phase 1 (s=6, T=16), the switch, phase 2, and back
-        for rank, loader in enumerate(loaders):
-            rows = loader.next_rows(L)
-            assert rows.shape == (3, L + 1) and rows.dtype == torch.int64
-            for i, row in enumerate(rows):
-                start = position + (rank * 3 + i) * L
-                assert np.array_equal(row.numpy(), ref[start:start + L + 1])
-        position += 2 * 3 * L
-    assert loaders[0].epoch == position // loaders[0].epoch_tokens >= 2  # it went through two epoch boundaries
-
-
-@pytest.mark.parametrize("bos", [False, True])
-def test_every_join_of_two_chunks_has_the_separator_and_nothing_else_does(tmp_path, bos):
-    folder = labelled_dir(tmp_path / "d", SIZES, bos=bos)
-    loader = data.TokenLoader(folder, "train", 2, chunk_tokens=CHUNK)
-    stream = torch.cat([loader.next_rows(7)[:, :-1].flatten() for _ in range(400)]).numpy()  # into the third epoch
-    sep = SEPARATORS[bos]
-    starts = np.flatnonzero(stream == sep[0])
-    assert starts[0] == 0 and len(starts) > 2 * 20
-    chunks = {(b + s, min(CHUNK, n - s)) for b, n in zip(np.cumsum([0] + SIZES), SIZES) for s in range(0, n, CHUNK)}
-    for piece in np.split(stream, starts[1:])[:-1]:  # the last piece may be cut short
-        assert list(piece[:len(sep)]) == sep
-        tokens = piece[len(sep):]
-        # one place in the corpus (consecutive ids), a whole chunk: no two places meet without a separator between
-        assert np.array_equal(tokens, np.arange(tokens[0], tokens[0] + len(tokens)))
-        assert (tokens[0], len(tokens)) in chunks
-
-
-@pytest.mark.parametrize("world_size, B, L", [(2, 2, 11), (4, 5, 11)])  # world_size * B * L divides an epoch, 2420
-def test_ranks_read_disjoint_rows_that_cover_the_split(tmp_path, world_size, B, L):
+@pytest.mark.parametrize("world_size, B", [(1, 4), (2, 2), (4, 5)])
+def test_an_epoch_reads_every_window_once_in_a_new_order_each_epoch(tmp_path, world_size, B):
     folder = labelled_dir(tmp_path / "d", SIZES)
-    loaders = [data.TokenLoader(folder, "train", B, rank=r, world_size=world_size, chunk_tokens=CHUNK)
+    window = 24
+    loaders = [data.TokenLoader(folder, "train", B, window=window, seed=5, rank=r, world_size=world_size)
                for r in range(world_size)]
-    single = data.TokenLoader(folder, "train", world_size * B, chunk_tokens=CHUNK)
-    for epoch in range(2):
-        inputs = []
-        for _ in range(single.epoch_tokens // (world_size * B * L)):
-            everyone = single.next_rows(L)
-            for r, loader in enumerate(loaders):
-                rows = loader.next_rows(L)
-                assert torch.equal(rows, everyone[r * B:(r + 1) * B])  # rank r has rows rB..(r+1)B-1 of the step
-                inputs.append(rows[:, :-1].flatten())
-        inputs = torch.cat(inputs)
-        tokens = inputs[inputs != 2400]
-        # every token once (disjoint, complete) and a separator before each of the 20 chunks
-        assert torch.equal(tokens.sort().values, torch.arange(sum(SIZES))) and len(inputs) - len(tokens) == 20
-        if epoch == 0:
-            first_order = inputs
-    assert not torch.equal(inputs, first_order)  # the second epoch is another order
-    assert all(loader.epoch == 2 for loader in loaders)
+    all_windows = windows_of(SIZES, window)  # 29 + 41 + 29 = 99: a shard's last tokens make no whole window
+    assert loaders[0].windows == len(all_windows) == 99
+    starts = []
+    for _ in range(3 * 99 // (world_size * B) + 1):
+        step = [places(loader.next_rows(window)) for loader in loaders]
+        assert all(len(rows) == B for rows in step)
+        starts += list(np.concatenate(step))  # rank order: rank r holds rows rB..(r+1)B-1 of the global batch
+    epochs = [starts[e * 99:(e + 1) * 99] for e in range(3)]
+    for order in epochs:
+        assert sorted(order) == all_windows  # each window exactly once an epoch
+    assert epochs[0] != epochs[1] != epochs[2]
+    assert all(loader.epoch == 3 for loader in loaders)
 
 
-@pytest.mark.parametrize("bos", [False, True])
-def test_resume_anywhere_returns_exactly_the_rows_of_an_uninterrupted_run(tmp_path, bos):
-    folder = labelled_dir(tmp_path / "d", SIZES, bos=bos)
-    schedule = [4 * 24] * 6 + [24] * 20  # s=4, T=24: a phase switch after 6 steps, an epoch wrap in the 7th
-    make = lambda: data.TokenLoader(folder, "train", 2, seed=3, rank=1, world_size=2, chunk_tokens=CHUNK)
+def test_the_global_batch_is_the_same_for_any_world_size(tmp_path):
+    folder = labelled_dir(tmp_path / "d", SIZES)
+    single = data.TokenLoader(folder, "train", 8, window=96, seed=3)
+    ranks = [data.TokenLoader(folder, "train", 2, window=96, seed=3, rank=r, world_size=4) for r in range(4)]
+    for L in [96] * 5 + [24] * 20:  # phase 1 (s = 4, T = 24), the switch, phase 2, through an epoch's end
+        assert torch.equal(single.next_rows(L), torch.cat([loader.next_rows(L) for loader in ranks]))
+
+
+def test_rows_of_a_step_and_of_consecutive_steps_come_from_unrelated_places(tmp_path):
+    # the old loader served a step's rows back to back from one stretch of text: every pair adjacent
+    folder = labelled_dir(tmp_path / "d", [40_000, 60_000])
+    loader = data.TokenLoader(folder, "train", 16, window=64)  # 1,561 windows
+    previous, near, pairs = None, 0, 0
+    for _ in range(200):
+        starts = places(loader.next_rows(64))
+        gaps = np.abs(starts[:, None] - starts[None, :])[np.triu_indices(16, 1)]
+        near += (gaps <= 64).sum()  # the same or neighbouring windows
+        pairs += len(gaps)
+        if previous is not None:
+            gaps = np.abs(starts[:, None] - previous[None, :]).ravel()
+            near += (gaps <= 64).sum()
+            pairs += len(gaps)
+        previous = starts
+    # independent windows would be neighbours in 2/1,561 = 0.13% of pairs; some repeat in the second epoch's steps
+    assert near / pairs < 0.005
+
+
+def test_a_stage_switch_reads_only_untouched_windows_and_no_token_twice_an_epoch(tmp_path):
+    folder = labelled_dir(tmp_path / "d", SIZES)
+    T, s, B = 12, 4, 3
+    loader = data.TokenLoader(folder, "train", B, window=s * T, seed=1)  # 14 + 20 + 14 = 48 windows of 48 tokens
+    bases = np.cumsum([0] + SIZES)
+    into_window = lambda start: (start - bases[np.searchsorted(bases, start, side="right") - 1]) % (s * T)
+    served, pieces = [[]], []  # the tokens read in each epoch (as inputs); where in its window each row starts
+    for L in [s * T] * 5 + [T] * 200:  # 15 windows in phase 1, then phase 2 on the 33 left, then whole epochs
+        epoch = loader.epoch
+        rows = loader.next_rows(L)
+        assert rows.shape == (B, L + 1) and rows.dtype == torch.int64
+        pieces += [into_window(start) for start in places(rows)]
+        if loader.epoch != epoch:
+            served.append([])
+        served[-1] += [t for row in rows[:, :-1].tolist() for t in row]
+    assert loader.epoch >= 3
+    for tokens in served[:-1]:
+        assert len(tokens) == len(set(tokens))  # nothing twice in an epoch, across the switch too
+    # every epoch after the first (which the switch cut short) reads every token of every window
+    assert sorted(served[1]) == [t for start in windows_of(SIZES, s * T) for t in range(start, start + s * T)]
+    # phase 2 takes piece 0 of each of the 33 windows phase 1 left, then piece 1, ...: rows of a window are 33 apart
+    assert pieces[:15] == [0] * 15 and pieces[15:15 + 33] == [0] * 33 and pieces[15 + 33:15 + 66] == [T] * 33
+    with pytest.raises(ValueError, match="window of 48 tokens must be a whole number of rows"):
+        loader.next_rows(20)
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_resume_anywhere_returns_exactly_the_rows_of_an_uninterrupted_run(tmp_path, world_size):
+    folder = labelled_dir(tmp_path / "d", SIZES)
+    schedule = [4 * 24] * 6 + [24] * 40  # s=4, T=24: a switch after 6 steps, an epoch's end in phase 2
+    make = lambda: data.TokenLoader(folder, "train", 2, window=96, seed=3, rank=world_size - 1, world_size=world_size)
     straight = make()
     expected, states = [], []
     for L in schedule:
         states.append(straight.state_dict())
         expected.append(straight.next_rows(L))
-    assert straight.epoch == 1
-    for k in range(len(schedule)):  # every step: mid phase 1, at the switch, at the wrap, after both
+    assert straight.epoch >= 1
+    for k in range(len(schedule)):  # every step: mid phase 1, at the switch, at the epoch's end, after both
         path = tmp_path / f"ckpt{k}.pt"
         torch.save({"loader": states[k]}, path)
         resumed = make()
@@ -448,35 +472,37 @@ def test_resume_anywhere_returns_exactly_the_rows_of_an_uninterrupted_run(tmp_pa
         for L, rows in zip(schedule[k:], expected[k:]):
             assert torch.equal(resumed.next_rows(L), rows)
 
-    # the position is global, so another world size picks up where the two ranks stopped
-    two = [data.TokenLoader(folder, "train", 2, rank=r, world_size=2, chunk_tokens=CHUNK) for r in range(2)]
-    for _ in range(5):
-        [loader.next_rows(24) for loader in two]
-    one = data.TokenLoader(folder, "train", 4, chunk_tokens=CHUNK)
+    # the state is global, so another world size picks up where the two ranks stopped
+    two = [data.TokenLoader(folder, "train", 2, window=96, rank=r, world_size=2) for r in range(2)]
+    for L in [96] * 3 + [24] * 2:
+        [loader.next_rows(L) for loader in two]
+    one = data.TokenLoader(folder, "train", 4, window=96)
     one.load_state_dict(two[0].state_dict())
     assert torch.equal(one.next_rows(24), torch.cat([loader.next_rows(24) for loader in two]))
 
-    # a state from before the separators counts positions in another stream
-    old = {k: v for k, v in states[3].items() if k != "separator"}
-    with pytest.raises(UserError, match="loader state has no 'separator'.*joined chunks without one"):
+    # a state of the old loader (one stream of consecutive text) is refused by name
+    old = {"split": "train", "seed": 3, "tokens": 2400, "chunk_tokens": 128, "separator": [2400], "position": 960}
+    with pytest.raises(UserError, match="loader state has no 'window'.*stretches of consecutive text"):
         make().load_state_dict(old)
+    with pytest.raises(UserError, match=r"read other windows \{'window': \(96, 48\)\}.*same data folder"):
+        data.TokenLoader(folder, "train", 2, window=48, seed=3).load_state_dict(states[0])
 
 
-def test_a_fresh_validation_loader_gives_the_same_rows_and_seeds_change_the_order(tmp_path):
+def test_the_same_seed_gives_the_same_rows_and_another_seed_another_order(tmp_path):
     folder = labelled_dir(tmp_path / "d", SIZES)
-    rows = lambda seed: torch.cat([data.TokenLoader(folder, "train", 4, seed=seed, chunk_tokens=CHUNK).next_rows(32)
+    rows = lambda seed: torch.cat([data.TokenLoader(folder, "train", 4, window=32, seed=seed).next_rows(32)
                                    for _ in range(3)])
     assert torch.equal(rows(0), rows(0)) and not torch.equal(rows(0), rows(1))
 
 
 def test_an_epoch_wrap_is_reported(tmp_path, capsys):
-    folder = labelled_dir(tmp_path / "d", SIZES)
-    loaders = [data.TokenLoader(folder, "train", 10, rank=r, world_size=2, chunk_tokens=CHUNK) for r in range(2)]
-    for _ in range(12):  # 12 * 2 * 10 * 10 = 2400 of the epoch's 2420 tokens
-        [loader.next_rows(10) for loader in loaders]
+    folder = labelled_dir(tmp_path / "d", SIZES)  # 2 * 9 + 1 * 12 ... = windows of 24: 99
+    loaders = [data.TokenLoader(folder, "train", 11, window=24, rank=r, world_size=3) for r in range(3)]
+    for _ in range(3):  # 3 * 33 = 99 rows: the whole epoch
+        [loader.next_rows(24) for loader in loaders]
     assert loaders[0].epoch == 0 and capsys.readouterr().out == ""
-    [loader.next_rows(10) for loader in loaders]
-    assert [loader.epoch for loader in loaders] == [1, 1]
+    [loader.next_rows(24) for loader in loaders]
+    assert [loader.epoch for loader in loaders] == [1, 1, 1]
     assert capsys.readouterr().out.count("epoch 1 starts") == 1  # once, from rank 0
 
 
@@ -526,23 +552,23 @@ def test_a_vocabulary_too_large_for_the_shard_dtype(tmp_path):
     meta = json.loads((folder / "meta.json").read_text())
     (folder / "meta.json").write_text(json.dumps({**meta, "vocab_size": 70000, "dtype": "uint16"}))
     with pytest.raises(UserError, match="meta.json: vocab_size 70,000 does not fit dtype uint16"):
-        data.TokenLoader(folder, "train", 1)
+        data.TokenLoader(folder, "train", 1, window=8)
 
 
 def test_bad_shards_and_folders(tmp_path):
     with pytest.raises(UserError, match="meta.json not found.*not a prepared data folder.*python data.py"):
-        data.TokenLoader(tmp_path, "train", 1)
+        data.TokenLoader(tmp_path, "train", 1, window=8)
     folder = labelled_dir(tmp_path / "d", SIZES)
     with pytest.raises(UserError, match="no 'val' split"):
-        data.TokenLoader(folder, "val", 1)
+        data.TokenLoader(folder, "val", 1, window=8)
     shard = folder / "train_000001.bin"
     good = shard.read_bytes()
     shard.write_bytes(b"NOTTOKEN" + good[8:])
     with pytest.raises(UserError, match="train_000001.bin is not a tst token shard"):
-        data.TokenLoader(folder, "train", 1)
+        data.TokenLoader(folder, "train", 1, window=8)
     shard.write_bytes(good[:len(good) // 2])
     with pytest.raises(UserError, match="train_000001.bin is truncated"):
-        data.TokenLoader(folder, "train", 1)
+        data.TokenLoader(folder, "train", 1, window=8)
 
 
 def test_a_token_id_past_the_vocabulary_is_named_before_the_model_sees_it(tmp_path):
@@ -555,7 +581,7 @@ def test_a_token_id_past_the_vocabulary_is_named_before_the_model_sees_it(tmp_pa
                                         r"bytes, .*new/val_000000.bin holds id 256\): use 0"):
         data.check_token_ids(tmp_path / "new", 200)
     meta_path.write_text(json.dumps({**meta, "vocab_size": 200}))
-    for check in (lambda: data.load_meta(tmp_path / "new"), lambda: data.TokenLoader(tmp_path / "new", "train", 1)):
+    for check in (lambda: data.load_meta(tmp_path / "new"), lambda: data.TokenLoader(tmp_path / "new", "train", 1, window=8)):
         with pytest.raises(UserError, match=r"new/val_000000.bin holds token id 256 \(as .*meta.json records it\), "
                                             r"outside its vocab_size of 200.*python data.py --source"):
             check()
@@ -569,7 +595,7 @@ def test_a_token_id_past_the_vocabulary_is_named_before_the_model_sees_it(tmp_pa
     meta = json.loads((old / "meta.json").read_text())
     (old / "meta.json").write_text(json.dumps({**meta, "vocab_size": 1500, "eot": 0}))  # ids 1500..2399 are past it
     assert data.check_token_ids(old, 1500)["vocab_size"] == 1500  # nothing recorded, nothing read
-    loader = data.TokenLoader(old, "train", 2, chunk_tokens=CHUNK)
+    loader = data.TokenLoader(old, "train", 2, window=64)
     with pytest.raises(UserError, match=r"old/train_00000[12].bin holds token id (1,[5-9]|2,[0-3])\d\d \(its token "
                                         r"\d+\), outside the data's vocabulary of 1,500 ids.*delete it and re-run "
                                         r"python data.py --source test"):
@@ -620,36 +646,39 @@ def test_a_missing_data_folder_is_named_without_guessing_its_source(tmp_path, mo
         data.load_meta("empty")
 
 
-def test_validation_rows_are_the_start_of_the_val_split_in_order(tmp_path):
+def test_validation_rows_are_spread_evenly_over_the_whole_val_split(tmp_path):
     folder = labelled_dir(tmp_path / "d", SIZES, split="val")  # val token i is i
-    rows = data.validation_rows(folder, 64, 1000)
-    n = (sum(SIZES) - 1) // 64  # 37 rows of 65 tokens, as many as the split holds
-    assert rows.dtype == torch.int64 and torch.equal(rows, torch.arange(n)[:, None] * 64 + torch.arange(65))
-    assert torch.equal(rows[1:, 0], rows[:-1, -1])  # each row's last token is the next row's first
-    assert torch.equal(data.validation_rows(folder, 64, 5), rows[:5])  # max_rows caps them, from the start
-    assert torch.equal(data.validation_rows(folder, sum(SIZES) - 1, 9), torch.arange(sum(SIZES))[None])
-    with pytest.raises(UserError, match="2,400 tokens.*shorter than one row of 2401 tokens.*--val_tokens"):
-        data.validation_rows(folder, sum(SIZES), 9)
+    everything = data.validation_rows(folder, 64, 1000)  # as many rows as the split holds: every whole window
+    assert everything.dtype == torch.int64 and everything.shape == (10 + 15 + 10, 65)
+    assert list(places(everything)) == windows_of(SIZES, 64)
+    rows = data.validation_rows(folder, 64, 7)
+    assert torch.equal(rows, everything[[0, 5, 10, 15, 20, 25, 30]])  # evenly spaced: every shard, not the first
+    assert torch.equal(data.validation_rows(folder, 64, 7), rows)  # the same rows every time, for every run
+    assert torch.equal(data.validation_rows(folder, 999, 9), torch.arange(700, 1700)[None])  # only shard 1 fits
+    with pytest.raises(UserError, match="largest shard 1,000 tokens.*shorter than one row of 1001 tokens.*"
+                                        "--val_tokens"):
+        data.validation_rows(folder, 1000, 9)
     with pytest.raises(UserError, match="at most 0 validation rows of seq_len 64"):
         data.validation_rows(folder, 64, 0)
     # a damaged shard is found when the rows are asked for, even one past the rows (train.py checks at start-up)
     last = folder / "val_000002.bin"
     last.write_bytes(last.read_bytes()[:-4])
-    for check in (lambda: data.validation_rows(folder, 64, 5), lambda: data.TokenLoader(folder, "val", 1)):
+    for check in (lambda: data.validation_rows(folder, 64, 1), lambda: data.TokenLoader(folder, "val", 1, window=8)):
         with pytest.raises(UserError, match="val_000002.bin is truncated.*re-run python data.py --source test"):
             check()
     with pytest.raises(UserError, match="no 'val' split"):
         data.validation_rows(labelled_dir(tmp_path / "train_only", SIZES), 64, 5)
 
 
-def test_a_row_longer_than_the_data_and_a_foreign_loader_state(tmp_path):
-    folder = labelled_dir(tmp_path / "d", [50, 50])
-    loader = data.TokenLoader(folder, "train", 1)
-    assert loader.next_rows(99).shape == (1, 100)
-    with pytest.raises(UserError, match="row of 101 tokens is longer than the whole 'train' split"):
-        loader.next_rows(100)
+def test_a_window_longer_than_every_shard_and_a_foreign_loader_state(tmp_path):
+    folder = labelled_dir(tmp_path / "d", [50, 60])
+    loader = data.TokenLoader(folder, "train", 1, window=59)
+    assert loader.windows == 1 and loader.next_rows(59).shape == (1, 60)
+    with pytest.raises(UserError, match=r"rows of 61 tokens do not fit any shard of the 'train' split .*\(its largest: "
+                                        r"60 tokens\).*smaller seq_len or s"):
+        data.TokenLoader(folder, "train", 1, window=60)
     with pytest.raises(UserError, match="seed"):
-        data.TokenLoader(folder, "train", 1, seed=1).load_state_dict(loader.state_dict())
+        data.TokenLoader(folder, "train", 1, window=59, seed=1).load_state_dict(loader.state_dict())
 
 
 @pytest.mark.parametrize("setting", [{"val_tokens": -1}, {"shard_tokens": 0}, {"max_tokens": 0}, {"num_proc": 0}])

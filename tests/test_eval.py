@@ -437,7 +437,7 @@ def prepare_val_split(tmp_path):
     for i in range(40):
         (docs / f"{i}.txt").write_text(f"Document {i}: the quick brown fox — ça va? " * 5)
     data.prepare(str(docs / "*.txt"), "bytes", tmp_path / "data", val_tokens=1000, num_proc=1)
-    return data.TokenLoader(tmp_path / "data", "val", 1).tokens
+    return data.TokenLoader(tmp_path / "data", "val", 1, window=1).tokens
 
 
 def test_cli_heldout_loss_reads_the_rows_of_train_pys_val_loss_or_the_whole_split(tmp_path, monkeypatch):

@@ -237,7 +237,7 @@ def test_every_config_parses():
 
 
 def test_a_row_longer_than_the_data_fails_early(data_dir, tmp_path):
-    with pytest.raises(UserError, match="rows of 65537 tokens do not fit the 56958 train tokens"):
+    with pytest.raises(UserError, match="rows of 65,537 tokens do not fit any shard .*its largest: 56,958 tokens"):
         train.main(settings(data_dir, tmp_path / "run", s=4096))  # rows of 65,537 tokens
 
 

@@ -241,7 +241,8 @@ def test_a_schedule_of_several_stages():
     assert [(st.start, st.end, st.s) for st in schedule.stages] == [(0, 15, 8), (15, 30, 4), (30, 100, 1)]
     assert schedule.boundaries == [15, 30] and schedule.switch_step == 30
     assert schedule.stage(14).data_tokens_per_row(16) == 128 and schedule.stage(15).data_tokens_per_row(16) == 64
-    assert schedule.longest_row(16) == 8 * 16 + 1
+    assert schedule.window(16) == 8 * 16  # rows of 128, 64 and 16 tokens all divide it
+    assert tst.Schedule(settings(s_schedule=[(0.1, 3), (0.2, 2)]), 100).window(16) == 6 * 16
     torch.testing.assert_close(torch.tensor(schedule.stage(20).weights), tst.bag_weights(4, "power"))
 
 
