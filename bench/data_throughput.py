@@ -1,14 +1,13 @@
 """
 Is TokenLoader ever the bottleneck? Rows per second in both TST phases at the 270M shape (T = 2048, s = 6: rows of
-2049 and 12289 tokens), against the rows per second one H200 consumes at that shape.
+2049 and 12289 tokens, pieces of windows of 12288), against the rows per second one H200 consumes at that shape.
 
     python bench/data_throughput.py [--data_dir data/stdlib_bytes] [--batch_size 16] [--seconds 3]
 
-Prepares the stdlib corpus into --data_dir first if it holds no data. A row is L + 1 tokens of the loader's stream
-(data.py's docstring), in which every chunk of 65,536 tokens follows a separator of 1 or 2 tokens (eot, then bos):
-the tokens/s below count those too, and each row's ids are checked against the vocabulary as they are read. The
-shards are read from the page cache after the first pass, as on a training node whose data fits in memory; from
-disk, phase 1 needs about rows/s * 12289 * 2 bytes (uint16) or * 4 (uint32) per second, a few MB/s.
+Prepares the stdlib corpus into --data_dir first if it holds no data. A row is L + 1 tokens from its own place in the
+split (data.py's docstring), its ids checked against the vocabulary as they are read. The shards are read from the
+page cache after the first pass, as on a training node whose data fits in memory; from disk, phase 1 needs about
+rows/s * 12289 * 2 bytes (uint16) or * 4 (uint32) per second, a few MB/s, in reads of one row each.
 """
 
 import argparse
@@ -40,7 +39,7 @@ print(f"one H200 at {MFU:.0%} MFU on the 270M shape: {flops / 1e9:.3f} GFLOP a p
       f"= {need:,.1f} rows/s in either phase ({need * S * T / 1e6:.2f}M data tokens/s in phase 1, "
       f"{need * T / 1e6:.2f}M in phase 2)")
 
-loader = data.TokenLoader(args.data_dir, "train", args.batch_size)
+loader = data.TokenLoader(args.data_dir, "train", args.batch_size, window=S * T)
 print(f"TokenLoader on {args.data_dir} ({loader.tokens:,} train tokens, {data.load_meta(args.data_dir)['dtype']}), "
       f"batch_size {args.batch_size}:")
 for phase, L in (("phase 1 (superposition)", S * T), ("phase 2 (recovery)", T)):
