@@ -1,16 +1,12 @@
 """
-Data for tst: text corpora -> token shards, prepared once -> the rows both TST phases train on (TokenLoader).
+Data for training: the tokenizers, a prepared data folder (its token shards and meta.json, checked), and the rows both
+TST phases train on (TokenLoader) and are evaluated on (validation_rows). prepare.py writes the folders:
 
-    python data.py --source stdlib --tokenizer bytes --out_dir data/stdlib_bytes
-    python data.py --source dclm --tokenizer llama3:tokenizer.model --out_dir data/dclm --max_tokens 105e9
-
-`python data.py --help` lists the sources and tokenizers. The first documents (at least --val_tokens tokens) become the
-val split, the rest the train shards; re-running the same command resumes an interrupted or extended preparation.
-Every document is preceded by the tokenizer's document prefix: end-of-text, then BOS where the tokenizer has one.
+    python prepare.py --source stdlib --tokenizer bytes --out_dir data/stdlib_bytes
 
 Shard OUT_DIR/{split}_{index:06d}.bin: a 24-byte little-endian header (b"TSTTOKEN", uint32 format version, uint32 bytes
 per token: 2 or 4, uint64 token count), then the tokens, little-endian; meta.json lists the shards (each with its
-largest token id, max_id) and the settings.
+largest token id, max_id), the settings and, from format 2, the corpus read; load_meta checks it field by field.
 
 Rows: a split is cut into windows of `window` tokens (the loader's setting: a multiple of every stage's row length,
 s*T and T), each within one shard, plus the token after it as its last label; a shard's last few tokens that make no
@@ -25,20 +21,11 @@ rows served are the loader's whole state, the same on every rank: a checkpoint f
 under any world size.
 """
 
-import argparse
 import base64
-import collections
-import concurrent.futures
-import glob
-import hashlib
-import itertools
 import json
 import os
-import re
 import shlex
 import struct
-import sysconfig
-import time
 from pathlib import Path
 
 import numpy as np
@@ -123,20 +110,26 @@ def _read_ranks(path):
     return ranks
 
 
-def known_vocab_size(name):
-    """The number of ids of tokenizer `name` where that is cheap to know, else None: bytes; llama3:PATH where the file
-    is (a rank a line, then the specials); a tiktoken encoding that loads without the network."""
+def known_ids(name):
+    """{"vocab_size", "eot", "bos"} of tokenizer `name` where they are cheap to know, else None: bytes; llama3:PATH
+    where the file is (a rank a line, then the specials); a tiktoken encoding that loads without the network."""
     if name == "bytes":
-        return get_tokenizer(name).n_vocab
+        tok = get_tokenizer(name)
+        return {"vocab_size": tok.n_vocab, "eot": tok.eot, "bos": tok.bos}
     if name.startswith("llama3:"):
         path = name[len("llama3:"):]
-        return len(Path(path).read_bytes().splitlines()) + len(LLAMA3_SPECIALS) if os.path.isfile(path) else None
+        if not os.path.isfile(path):
+            return None
+        n = len(Path(path).read_bytes().splitlines())
+        return {"vocab_size": n + len(LLAMA3_SPECIALS), "eot": n + LLAMA3_SPECIALS.index("<|end_of_text|>"),
+                "bos": n + LLAMA3_SPECIALS.index("<|begin_of_text|>")}
     if name not in tiktoken.list_encoding_names():
-        return None  # no tokenizer of data.py's (a folder made by hand)
+        return None  # no tokenizer of ours (a folder made by hand)
     # tiktoken downloads an encoding missing from its cache: not for a check, which must never wait on a network
     download, tiktoken.load.read_file = tiktoken.load.read_file, _no_download
     try:
-        return tiktoken.get_encoding(name).n_vocab
+        enc = tiktoken.get_encoding(name)
+        return {"vocab_size": enc.n_vocab, "eot": enc.eot_token, "bos": None}
     except OSError:
         return None
     finally:
@@ -145,104 +138,6 @@ def known_vocab_size(name):
 
 def _no_download(url):
     raise OSError(f"{url} is not in tiktoken's cache")
-
-
-# -----------------------------------------------------------------------------
-# Sources: each is an iterator over documents (str), checked when it is opened, before any document is read
-
-HF_NAMED = {"dclm": "mlfoundations/dclm-baseline-1.0", "fineweb-edu": "HuggingFaceFW/fineweb-edu"}
-SOURCE_HELP = ("a SOURCE is stdlib, dclm, fineweb-edu[:CONFIG], hf:NAME[:CONFIG], a glob of local files, "
-               "or a mix W*SOURCE,W*SOURCE,...")
-WEIGHTED = re.compile(r"^(\d+\.?\d*|\.\d+)\*(.+)$")
-
-
-def _documents(source, text_field="text"):
-    parts = source.split(",")
-    if len(parts) == 1 and not WEIGHTED.match(source):
-        return _open_source(source, text_field)
-    weights, streams = [], []
-    for part in parts:
-        m = WEIGHTED.match(part)
-        weight, spec = (float(m[1]), m[2]) if m else (1.0, part)
-        if weight <= 0:
-            raise UserError(f"mix {source!r}: weight of {spec!r} must be positive")
-        weights.append(weight)
-        streams.append(_open_source(spec, text_field))
-    return _mix(streams, weights, parts)
-
-
-def _open_source(spec, text_field):
-    if spec == "stdlib":
-        return _stdlib_documents()
-    name, _, config = spec.partition(":")
-    if name in HF_NAMED:
-        return _hf_documents(spec, HF_NAMED[name], config or None, None, text_field)
-    if name == "hf":
-        path, _, config = config.partition(":")
-        return _hf_documents(spec, path, config or None, None, text_field)
-    files = sorted(f for f in glob.glob(spec, recursive=True) if os.path.isfile(f))
-    if not files:
-        raise UserError(f"source {spec!r}: no such dataset or local file ({SOURCE_HELP})")
-    kinds = {_file_kind(f) for f in files}
-    if len(kinds) > 1:
-        raise UserError(f"source {spec!r} matches files of several kinds ({sorted(kinds)}): "
-                        f"give one glob per kind, as a mix")
-    kind = kinds.pop()
-    if kind == "text":
-        return (Path(f).read_text("utf-8", errors="replace") for f in files)
-    return _hf_documents(spec, kind, None, files, text_field)
-
-
-def _file_kind(path):
-    name = re.sub(r"\.(gz|xz|bz2|zst|zstd)$", "", path.lower())
-    return "json" if name.endswith((".jsonl", ".json")) else "parquet" if name.endswith(".parquet") else "text"
-
-
-def _stdlib_documents():
-    root = sysconfig.get_paths()["stdlib"]
-    files = []
-    for folder, subfolders, names in os.walk(root):
-        subfolders[:] = [s for s in subfolders if s not in ("site-packages", "dist-packages")]
-        files += [os.path.relpath(os.path.join(folder, n), root) for n in names if n.endswith(".py")]
-    # a fixed shuffle (by hash of the path) rather than alphabetical order, so that the first files, which become
-    # the validation split, are a fair sample of the library and not just its private modules
-    files.sort(key=lambda f: hashlib.sha1(f.replace(os.sep, "/").encode()).hexdigest())
-    return (Path(root, f).read_text("utf-8", errors="replace") for f in files)
-
-
-def _hf_documents(spec, path, config, data_files, text_field):
-    import datasets  # here, not at the top: it takes a second to import and only these sources need it
-
-    try:
-        rows = datasets.load_dataset(path, config, data_files=data_files, split="train", streaming=True)
-    except OSError as e:  # not on the hub, no network, no such config: datasets' messages name the cause
-        raise UserError(f"source {spec!r} could not be opened: {e}") from e
-
-    def documents():
-        for row in rows:
-            if text_field not in row:
-                raise UserError(f"source {spec!r} has no column {text_field!r} (its columns: {sorted(row)}): "
-                                f"pass --text_field")
-            text = row[text_field]
-            # checked here: a column of another type would fail inside a tokenizer process, far from its cause
-            if text is not None and not isinstance(text, str):
-                raise UserError(f"source {spec!r}: column {text_field!r} holds {type(text).__name__}, not text: "
-                                f"pass the text column as --text_field")
-            yield text or ""
-    return documents()
-
-
-def _mix(streams, weights, names):
-    """The next document always comes from the source furthest below its share of characters so far."""
-    taken = [0] * len(streams)  # characters taken from each source
-    while True:
-        i = min(range(len(streams)), key=lambda i: taken[i] / weights[i])
-        text = next(streams[i], None)
-        if text is None:
-            print(f"\nmix: {names[i]} ran out; stopping here so that the mix keeps its weights")
-            return
-        taken[i] += len(text) + 1
-        yield text
 
 
 # -----------------------------------------------------------------------------
@@ -259,13 +154,17 @@ def write_shard(path, tokens, dtype):
     if len(tokens) and tokens.max() > np.iinfo(DTYPES[dtype]).max:
         raise ValueError(f"{path}: token id {tokens.max()} does not fit {dtype}: write uint32 shards")
     tmp = Path(f"{path}.tmp")  # renamed into place when complete, so a shard on disk is never half written
-    with open(tmp, "wb") as f:
-        f.write(HEADER.pack(MAGIC, VERSION, DTYPES[dtype].itemsize, len(tokens)))
-        f.write(tokens.astype(DTYPES[dtype]).tobytes())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(HEADER.pack(MAGIC, VERSION, DTYPES[dtype].itemsize, len(tokens)))
+            f.write(tokens.astype(DTYPES[dtype]).tobytes())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, a signal: nothing half written stays behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
-def read_shard(path, fix="re-run the python data.py command that made it"):
+def read_shard(path, fix="re-run the python prepare.py command that made it"):
     """The tokens of a shard, memory-mapped, after checking its header against the file; `fix` ends each complaint."""
     if not os.path.isfile(path):
         raise UserError(f"{path} is missing: {fix}")
@@ -288,14 +187,18 @@ def load_meta(data_dir):
     shard (each one's largest id is recorded at preparation) nor the document prefix holds an id past its vocab_size."""
     path = Path(data_dir) / "meta.json"
     if not path.exists():
-        how = f"prepare it (python data.py --help lists the sources and tokenizers) with {_command({}, data_dir)}"
+        how = (f"prepare it (python prepare.py --help lists the sources and tokenizers) with "
+               f"{prepare_command({}, data_dir)}")
         if not Path(data_dir).exists():
             raise UserError(f"data folder {data_dir} does not exist (a relative path is from the current directory, "
                             f"{os.getcwd()}): {how}")
         raise UserError(f"{path} not found: {data_dir} is not a prepared data folder: {how}")
-    meta = _read_meta(path)
+    meta = read_meta(path)
     if not meta["done"]:
-        raise UserError(f"{data_dir} is only partly prepared: finish it with {_command(meta, data_dir)}")
+        raise UserError(f"{data_dir} is only partly prepared: finish it with {prepare_command(meta, data_dir)}")
+    if meta.get("format", FORMAT) > FORMAT:
+        raise UserError(f"{path} is of format {meta['format']}, from a newer prepare.py; this data.py reads format "
+                        f"{FORMAT} and older: update tst")
     if meta["vocab_size"] - 1 > np.iinfo(DTYPES[meta["dtype"]]).max:
         raise UserError(f"{path}: vocab_size {meta['vocab_size']:,} does not fit dtype {meta['dtype']}: "
                         f"prepare again with --dtype uint32")
@@ -304,24 +207,35 @@ def load_meta(data_dir):
             raise UserError(f"{Path(data_dir) / shard['file']} holds token id {shard['max_id']:,} (as {path} "
                             f"records it), outside its vocab_size of {meta['vocab_size']:,}: meta.json or the shard "
                             f"has changed since preparation; restore it, or delete the folder and prepare it again "
-                            f"with {_command(meta, data_dir)}")
-    if max(_document_prefix(meta)) >= meta["vocab_size"]:
-        raise UserError(f"{path}: the document prefix {_document_prefix(meta)} (eot, then bos) is outside its vocab_size of "
-                        f"{meta['vocab_size']:,}: meta.json has changed since preparation; restore it, or delete the "
-                        f"folder and prepare it again with {_command(meta, data_dir)}")
+                            f"with {prepare_command(meta, data_dir)}")
+    prefix = [meta["eot"]] + ([meta["bos"]] if meta["bos"] is not None else [])  # what precedes every document
+    if max(prefix) >= meta["vocab_size"]:
+        raise UserError(f"{path}: the document prefix {prefix} (eot, then bos) is outside its "
+                        f"vocab_size of {meta['vocab_size']:,}: meta.json has changed since preparation; restore it, "
+                        f"or delete the folder and prepare it again with {prepare_command(meta, data_dir)}")
     return meta
 
 
-def _document_prefix(meta):
-    """What precedes every document in the shards (eot, then bos where there is one), from meta.json."""
-    return [meta["eot"]] + ([meta["bos"]] if meta["bos"] is not None else [])
-
-
+# meta.json: what each field must be. META_KEYS are in every meta.json; the others are checked where present (older
+# folders lack some of them: "format" and "corpus" came with format 2)
+FORMAT = 2
 META_KEYS = ("source", "tokenizer", "vocab_size", "dtype", "eot", "bos", "shards", "done")
+SHARD_KEYS = ("file", "split", "tokens", "docs_end")
+_WHOLE = (lambda v: type(v) is int and v >= 0, "a whole number")
+_TEXT = (lambda v: isinstance(v, str), "text")
+META_FIELDS = {
+    "source": _TEXT, "tokenizer": _TEXT, "dtype": (lambda v: v in list(DTYPES), " or ".join(DTYPES)),
+    "vocab_size": (lambda v: type(v) is int and v > 0, "a positive whole number"), "eot": _WHOLE,
+    "bos": (lambda v: v is None or _WHOLE[0](v), "a whole number or null"),
+    "shards": (lambda v: type(v) is list, "a list"), "done": (lambda v: type(v) is bool, "true or false"),
+    "train_tokens": _WHOLE, "val_tokens": _WHOLE, "format": _WHOLE, "corpus": (lambda v: type(v) is dict, "an object"),
+}
+SHARD_FIELDS = {"file": _TEXT, "split": (lambda v: v in SPLITS, " or ".join(SPLITS)), "tokens": _WHOLE,
+                "docs_end": _WHOLE, "max_id": _WHOLE}
 
 
-def _read_meta(path):
-    """meta.json's contents; if it is not what data.py writes, a UserError that says how to remake the folder."""
+def read_meta(path):
+    """meta.json's contents; if it is not what prepare.py writes, a UserError that says how to remake the folder."""
     try:
         meta = json.loads(path.read_text())
         problem = "" if isinstance(meta, dict) else "is not a JSON object"
@@ -329,18 +243,38 @@ def _read_meta(path):
         meta, problem = {}, f"is not JSON ({e})"
     if not problem:
         missing = [key for key in META_KEYS if key not in meta]
-        problem = f"lacks {', '.join(missing)}" if missing else ""
+        problem = f"lacks {', '.join(missing)}" if missing else _wrong_field(meta)
     if problem:
         raise UserError(f"{path} {problem}: it is damaged. Delete it and prepare the folder again with "
-                        f"{_command(meta if isinstance(meta, dict) else {}, path.parent)}")
+                        f"{prepare_command(meta if isinstance(meta, dict) else {}, path.parent)}")
     return meta
 
 
-def _command(meta, out_dir):
-    """The python data.py command that (re)makes out_dir as meta describes it (SOURCE and TOKENIZER where it does not
-    say)."""
-    words = ["python", "data.py", "--source", meta.get("source", "SOURCE"), "--tokenizer",
-             meta.get("tokenizer", "TOKENIZER"), "--out_dir", str(out_dir)]
+def _wrong_field(meta):
+    """What is wrong with the first field of meta.json (or of one of its shards) that is not as prepare.py writes it,
+    or ''."""
+    show = lambda value: json.dumps(value)[:60]
+    for key, (ok, what) in META_FIELDS.items():
+        if key in meta and not ok(meta[key]):
+            return f"has {key} {show(meta[key])}, not {what}"
+    for i, shard in enumerate(meta["shards"]):
+        if type(shard) is not dict:
+            return f"has shards[{i}] {show(shard)}, not an object"
+        missing = [key for key in SHARD_KEYS if key not in shard]
+        if missing:
+            return f"has shards[{i}] without {', '.join(missing)}"
+        for key, (ok, what) in SHARD_FIELDS.items():
+            if key in shard and not ok(shard[key]):
+                return f"has shards[{i}].{key} {show(shard[key])}, not {what}"
+    return ""
+
+
+def prepare_command(meta, out_dir):
+    """The python prepare.py command that (re)makes out_dir as meta describes it (SOURCE and TOKENIZER where it does
+    not say): every message that tells a user to prepare data shows one."""
+    text = lambda key, otherwise: meta[key] if isinstance(meta.get(key), str) else otherwise
+    words = ["python", "prepare.py", "--source", text("source", "SOURCE"), "--tokenizer",
+             text("tokenizer", "TOKENIZER"), "--out_dir", str(out_dir)]
     for flag, key in (("--val_tokens", "val_target"), ("--shard_tokens", "shard_tokens"),
                       ("--text_field", "text_field"), ("--dtype", "dtype"), ("--max_tokens", "max_tokens")):
         if meta.get(key) is not None:
@@ -351,15 +285,19 @@ def _command(meta, out_dir):
 def check_token_ids(data_dir, vocab_size):
     """For train.py at start-up: every token id of data_dir inside a model of vocab_size ids, checked from meta.json
     alone, so that a folder of 105B tokens is not read again. Each shard's largest id (recorded at preparation) is
-    below meta.json's vocab_size (load_meta), which is its tokenizer's (where that is cheap to know), which is at most
-    vocab_size; shards prepared before their largest id was recorded are checked as the loader reads them. Raises a
-    UserError that names the file and the fix; returns meta.json's contents."""
+    below meta.json's vocab_size (load_meta), which is its tokenizer's (where that is cheap to know, as are its eot and
+    bos), which is at most vocab_size; shards prepared before their largest id was recorded are checked as the loader
+    reads them. Raises a UserError that names the file and the fix; returns meta.json's contents."""
     meta = load_meta(data_dir)
-    known = known_vocab_size(meta["tokenizer"])
-    if known is not None and known != meta["vocab_size"]:
-        raise UserError(f"{Path(data_dir) / 'meta.json'}: vocab_size {meta['vocab_size']:,}, but tokenizer "
-                        f"{meta['tokenizer']!r} has {known:,} ids: it was edited since preparation; set it back to "
-                        f"{known}, or delete the folder and prepare it again with {_command(meta, data_dir)}")
+    known = known_ids(meta["tokenizer"]) or {}
+    for key, value in known.items():  # vocab_size, then the ids of the document prefix, which the Schedule reads
+        if meta[key] != value:
+            has = (f"{value:,} ids" if key == "vocab_size" else f"end-of-text id {value}" if key == "eot" else
+                   "no BOS" if value is None else f"BOS id {value}")
+            mine = f"{meta[key]:,}" if key == "vocab_size" else json.dumps(meta[key])
+            raise UserError(f"{Path(data_dir) / 'meta.json'}: {key} {mine}, but tokenizer {meta['tokenizer']!r} has "
+                            f"{has}: it was edited since preparation; set it back to {json.dumps(value)}, or delete "
+                            f"the folder and prepare it again with {prepare_command(meta, data_dir)}")
     if vocab_size < meta["vocab_size"]:
         recorded = [s for s in meta["shards"] if "max_id" in s]
         top = max(recorded, key=lambda s: s["max_id"], default=None)
@@ -368,179 +306,6 @@ def check_token_ids(data_dir, vocab_size):
                         f"tokenizer {meta['tokenizer']}, in {data_dir}{holds}): use 0 (the data's) or "
                         f"{meta['vocab_size']:,} or more")
     return meta
-
-
-# -----------------------------------------------------------------------------
-# Preparation
-
-BATCH_CHARS = 1 << 20  # text per tokenizer task: big enough to amortise the inter-process copy
-
-
-def prepare(source, tokenizer, out_dir, *, val_tokens=1_000_000, shard_tokens=100_000_000, max_tokens=None,
-            text_field="text", dtype=None, num_proc=None):
-    """Tokenize SOURCE into shards in OUT_DIR (see the module docstring); returns meta.json's contents."""
-    for name, value, least in (("val_tokens", val_tokens, 0), ("shard_tokens", shard_tokens, 1),
-                               ("max_tokens", max_tokens, 1), ("num_proc", num_proc, 1)):
-        if value is not None and value < least:
-            raise UserError(f"--{name} {value}: it must be at least {least}")
-    tok = get_tokenizer(tokenizer)
-    dtype = dtype or ("uint16" if tok.n_vocab <= 1 << 16 else "uint32")
-    if dtype not in DTYPES:
-        raise UserError(f"--dtype {dtype}: shards hold uint16 or uint32 tokens")
-    if tok.n_vocab - 1 > np.iinfo(DTYPES[dtype]).max:
-        raise UserError(f"tokenizer {tokenizer!r} has {tok.n_vocab:,} ids, too many for --dtype {dtype}: "
-                        f"use uint32 or leave --dtype unset")
-    all_documents = _documents(source, text_field)  # opened, and so checked, before anything is written
-    out_dir = Path(out_dir)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:  # a file in the way, a read-only parent
-        raise UserError(f"--out_dir {out_dir} cannot be created ({e.strerror}): choose another --out_dir") from None
-    if not os.access(out_dir, os.W_OK):
-        raise UserError(f"--out_dir {out_dir} is read-only: choose another --out_dir")
-    settings = {"source": source, "tokenizer": tokenizer, "vocab_size": tok.n_vocab, "dtype": dtype, "eot": tok.eot,
-                "bos": tok.bos, "text_field": text_field, "val_target": val_tokens, "shard_tokens": shard_tokens}
-    meta = _resume(out_dir, settings)
-    if meta["done"] and (meta["exhausted"] or max_tokens is not None and meta["train_tokens"] >= max_tokens):
-        print(f"{out_dir}: already prepared: {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens")
-        return meta
-
-    t0 = shown = time.time()
-    before = meta["train_tokens"] + meta["val_tokens"]
-    meta.update(done=False, max_tokens=max_tokens)
-    documents = itertools.islice(all_documents, meta["docs"], None)
-    split = "val" if meta["val_tokens"] < val_tokens else "train"
-    shard, shard_len, exhausted = [], 0, True
-    for tokens in _encode(_batches(documents), tok, dtype, num_proc or os.cpu_count()):
-        meta["docs"] += 1
-        shard.append(tokens)
-        shard_len += len(tokens)
-        meta[f"{split}_tokens"] += len(tokens)
-        if split == "val" and meta["val_tokens"] >= val_tokens or shard_len >= shard_tokens:
-            _finish_shard(out_dir, meta, split, shard)
-            shard, shard_len, split = [], 0, "train" if meta["val_tokens"] >= val_tokens else "val"
-        if max_tokens is not None and meta["train_tokens"] >= max_tokens:
-            exhausted = False
-            break
-        if time.time() - shown > 1:
-            shown = time.time()
-            rate = (meta["train_tokens"] + meta["val_tokens"] - before) / (shown - t0)
-            done = f" ({meta['train_tokens'] / max_tokens:.0%})" if max_tokens else ""
-            print(f"\r{out_dir}: {meta['docs']:,} documents, {meta['val_tokens']:,} val + {meta['train_tokens']:,} "
-                  f"train tokens{done}, {rate:,.0f} tokens/s", end="", flush=True)
-    if shard_len:
-        _finish_shard(out_dir, meta, split, shard)
-    if shown > t0:
-        print()  # past the progress line
-    if meta["train_tokens"] == 0:
-        # nothing is left behind (meta.json comes with the first train shard): the retry may use other settings
-        for shard in meta["shards"]:
-            (out_dir / shard["file"]).unlink()
-        if not any(out_dir.iterdir()):
-            out_dir.rmdir()
-        raise UserError(f"source {source!r} gave {meta['docs']:,} documents and {meta['val_tokens']:,} tokens, "
-                        f"none left for training after the {val_tokens:,} validation tokens: give more data or a "
-                        f"smaller --val_tokens")
-    meta.update(done=True, exhausted=exhausted)
-    _write_meta(out_dir, meta)
-    written = meta["train_tokens"] + meta["val_tokens"] - before
-    print(f"{out_dir}: wrote {written:,} tokens in {time.time() - t0:.1f}s; it holds {meta['train_tokens']:,} train "
-          f"and {meta['val_tokens']:,} val tokens from {meta['docs']:,} documents in {len(meta['shards'])} shards")
-    return meta
-
-
-def _resume(out_dir, settings):
-    """meta.json of an earlier run into out_dir, cut back to its intact shards; a fresh one if there is none."""
-    path = out_dir / "meta.json"
-    if not path.exists():
-        return {"version": VERSION, **settings, "docs": 0, "train_tokens": 0, "val_tokens": 0, "shards": [],
-                "done": False, "exhausted": False}
-    meta = _read_meta(path)
-    changed = {k: (meta.get(k), v) for k, v in settings.items() if meta.get(k) != v}
-    if changed:
-        raise UserError(f"{out_dir} holds data prepared with other settings {changed} (there, here; val_target is "
-                        f"--val_tokens): use another --out_dir or delete that folder. It was made by "
-                        f"{_command(meta, out_dir)}")
-    for i, shard in enumerate(meta["shards"]):
-        try:
-            ok = len(read_shard(out_dir / shard["file"])) == shard["tokens"]
-        except (OSError, UserError):
-            ok = False
-        if not ok:
-            print(f"{out_dir / shard['file']} is missing or broken: preparing again from there")
-            meta["shards"], meta["done"] = meta["shards"][:i], False
-            break
-    meta["docs"] = meta["shards"][-1]["docs_end"] if meta["shards"] else 0
-    for split in SPLITS:
-        meta[f"{split}_tokens"] = sum(s["tokens"] for s in meta["shards"] if s["split"] == split)
-    return meta
-
-
-def _batches(documents):
-    batch, chars = [], 0
-    for text in documents:
-        batch.append(text)
-        chars += len(text)
-        if chars >= BATCH_CHARS:
-            yield batch
-            batch, chars = [], 0
-    if batch:
-        yield batch
-
-
-def _encode(batches, tok, dtype, num_proc):
-    """The token arrays of the documents, in order, tokenized by num_proc processes."""
-    # concurrent.futures, not multiprocessing.Pool, which can hang: leaving `with Pool` early (--max_tokens) kills the
-    # workers while the pool's thread may be part way through sending one a task, several pipe buffers long, which
-    # then waits forever for a reader, and the pool for it; and a Pool waits forever for the task of a worker that
-    # died. The executor finishes the tasks it has sent before it stops, and fails those of a worker that died.
-    # The workers get the tokenizer built and checked here, so that no worker fails to start.
-    with concurrent.futures.ProcessPoolExecutor(num_proc, initializer=_start_worker,
-                                                initargs=(tok, DTYPES[dtype])) as pool:
-        pending = collections.deque()  # bounded, rather than pool.map, which would read a streamed corpus far ahead
-        try:
-            for batch in batches:
-                pending.append(pool.submit(_encode_batch, batch))
-                if len(pending) > 2 * num_proc:
-                    yield from pending.popleft().result()
-            while pending:
-                yield from pending.popleft().result()
-        except concurrent.futures.process.BrokenProcessPool:
-            raise UserError("a tokenizer process died (the system kills the largest processes when memory runs "
-                            "out): re-run the same command, which resumes after the last shard written, with a "
-                            "smaller --num_proc if memory is short") from None
-        finally:
-            for task in pending:
-                task.cancel()  # those not sent to a worker yet
-
-
-def _start_worker(tok, dtype):
-    global _worker
-    _worker = tok, dtype
-
-
-def _encode_batch(texts):
-    tok, dtype = _worker
-    return [np.array(tok.document_prefix + tok.encode(text), dtype) if text else np.empty(0, dtype) for text in texts]
-
-
-def _finish_shard(out_dir, meta, split, tokens):
-    name = f"{split}_{sum(s['split'] == split for s in meta['shards']):06d}.bin"
-    tokens = np.concatenate(tokens)
-    write_shard(out_dir / name, tokens, meta["dtype"])
-    # its largest id, so that a model too small for the data is refused at start-up without reading the shards again
-    meta["shards"].append({"file": name, "split": split, "tokens": len(tokens), "docs_end": meta["docs"],
-                           "max_id": int(tokens.max(initial=0))})
-    # no meta.json before the first train shard: a preparation that fails sooner (a source too small for
-    # --val_tokens, an interruption) does not tie the folder to its settings, and a re-run starts afresh
-    if split == "train":
-        _write_meta(out_dir, meta)
-
-
-def _write_meta(out_dir, meta):
-    tmp = out_dir / "meta.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=1))
-    os.replace(tmp, out_dir / "meta.json")
 
 
 # -----------------------------------------------------------------------------
@@ -555,7 +320,7 @@ def _split_shards(data_dir, split):
         present = sorted({s["split"] for s in meta["shards"]})
         raise UserError(f"{data_dir} has no {split!r} split (it has {present}): prepare the data into another "
                         f"--out_dir with --val_tokens above 0 for a val split")
-    fix = f"re-run {_command(meta, data_dir)}"
+    fix = f"re-run {prepare_command(meta, data_dir)}"
     for shard in shards:
         path = Path(data_dir) / shard["file"]
         tokens = read_shard(path, fix)
@@ -727,37 +492,7 @@ def validation_rows(data_dir, seq_len, max_rows):
     return torch.from_numpy(rows)
 
 
-# -----------------------------------------------------------------------------
-
-def count(text):
-    """A whole number of tokens, written 105e9 if need be."""
-    value = float(text)
-    if not value.is_integer():  # also inf and nan; argparse reports the ValueError as "invalid count value"
-        raise ValueError(text)
-    return int(value)
-
-
-def main(argv):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--source", required=True, help=(
-        "stdlib (the .py files of this Python's standard library: offline, one document per file), dclm, "
-        "fineweb-edu[:CONFIG] (e.g. sample-10BT), hf:NAME[:CONFIG] (any Hugging Face dataset: its train split, "
-        "streamed), a glob of local files in quotes (*.jsonl, *.json, *.parquet, optionally .gz/.xz/.bz2/.zst, read "
-        "through datasets; any other file is one document) or a mix by weight of characters, W*SOURCE,W*SOURCE,..."))
-    parser.add_argument("--tokenizer", required=True, help=(
-        "bytes (offline), a tiktoken encoding: gpt2, cl100k_base, o200k_base (downloaded once into "
-        "$TIKTOKEN_CACHE_DIR), or llama3:PATH (Llama 3's original tokenizer.model)"))
-    parser.add_argument("--out_dir", required=True)
-    parser.add_argument("--val_tokens", type=count, default=1_000_000, help="held out, from the first documents")
-    parser.add_argument("--shard_tokens", type=count, default=100_000_000)
-    parser.add_argument("--max_tokens", type=count, default=None, help="stop after this many train tokens")
-    parser.add_argument("--text_field", default="text", help="the text column of dataset sources")
-    parser.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: uint16 if the vocabulary fits")
-    parser.add_argument("--num_proc", type=int, default=None, help="tokenizer processes (default: all cores)")
-    args = parser.parse_args(argv)
-    prepare(args.source, args.tokenizer, args.out_dir, val_tokens=args.val_tokens, shard_tokens=args.shard_tokens,
-            max_tokens=args.max_tokens, text_field=args.text_field, dtype=args.dtype, num_proc=args.num_proc)
-
-
-if __name__ == "__main__":
-    cli.run(main)
+if __name__ == "__main__":  # the command line that prepared data before prepare.py had it, kept for users' scripts
+    import prepare
+    print("note: `python data.py` is now `python prepare.py`, which this runs", flush=True)
+    cli.run(prepare.main)

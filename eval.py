@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 import checkpoint
 import cli
-from cli import UserError
+from cli import UserError, positive_int, torch_device
 from data import load_meta, read_shard, validation_rows
 from tools.tasks import TASKS, load_task
 
@@ -239,38 +239,17 @@ def print_table(rows):
 # -----------------------------------------------------------------------------
 # Command line
 
-def positive_int(text):
-    if int(text) < 1:
-        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
-    return int(text)
-
-
-def non_negative_int(text):
-    if int(text) < 0:
-        raise argparse.ArgumentTypeError(f"{text} is negative")
-    return int(text)
-
-
-def non_negative_float(text):
-    if not 0 <= float(text) < math.inf:  # NaN fails too
-        raise argparse.ArgumentTypeError(f"{text} is not a finite number >= 0")
-    return float(text)
-
-
 def loss_tokens(text):
-    return text if text == "all" else positive_int(str(int(float(text))))  # float: so that 1e6 works
-
-
-def torch_device(name):
-    """--device, checked here: a CUDA device the machine lacks would otherwise fail deep inside torch."""
+    """--loss_tokens: a whole number of positions (1e6 works) or all."""
+    if text == "all":
+        return text
     try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name}: not a torch device (cpu, cuda, cuda:1, mps, ...)") from None
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA devices (torch "
-                        f"{torch.__version__}): use --device cpu")
-    return device
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text} is neither a number of positions nor all") from None
+    if not (math.isfinite(value) and value.is_integer()):
+        raise argparse.ArgumentTypeError(f"{text} is not a whole number of positions (or all)")
+    return positive_int(str(int(value)))
 
 
 def task_names(text):

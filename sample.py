@@ -15,7 +15,7 @@ import torch
 
 import checkpoint
 import cli
-from eval import non_negative_float, non_negative_int, positive_int, torch_device
+from cli import non_negative_float, non_negative_int, positive_int, torch_device
 
 
 def sample(model, tok, prompt, max_new_tokens=200, temperature=0.8, top_k=50, generator=None):

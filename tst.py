@@ -31,16 +31,17 @@ IGNORE_INDEX = -100  # a target with this value is not scored (F.cross_entropy's
 MODES = ("full", "input", "output")
 BAG_LOSSES = ("mce", "sum_to_one")
 
-# The TST settings of train.py, with their defaults: the baseline (no superposition).
-DEFAULTS = dict(
-    s=1,  # bag size; 1 = ordinary next-token training throughout
-    r=0.0,  # fraction of max_steps spent in superposition
-    s_schedule=[],  # several stages instead of (s, r): [(end_fraction, s), ...], e.g. [(0.15, 8), (0.3, 4)]
-    tst_mode="full",  # full | input | output (the paper's ablations)
-    bag_loss="mce",  # mce (multi-hot cross-entropy) | sum_to_one (-log of the bag's total probability)
-    bag_weights="uniform",  # MCE's weights: uniform | power | power:K | exp | first | [w_1, ..., w_s]
-    reinit_at_switch=False,  # re-initialise input embedding and LM head at the switch (the paper's Table 2 ablation)
+# The TST settings of a run (config.py's table), with their defaults (the baseline: no superposition) and meanings
+SETTINGS = dict(
+    s=(1, "bag size; 1 = ordinary next-token training throughout"),
+    r=(0.0, "fraction of max_steps spent in superposition"),
+    s_schedule=([], "several stages instead of (s, r): [(end_fraction, s), ...], e.g. [(0.15, 8), (0.3, 4)]"),
+    tst_mode=("full", "full | input | output (the paper's ablations)"),
+    bag_loss=("mce", "mce (multi-hot cross-entropy) | sum_to_one (-log of the bag's total probability)"),
+    bag_weights=("uniform", "MCE's weights: uniform | power | power:K | exp | first | [w_1, ..., w_s]"),
+    reinit_at_switch=(False, "re-initialise input embedding and LM head at the switch (the paper's Table 2 ablation)"),
 )
+DEFAULTS = {name: default for name, (default, _) in SETTINGS.items()}
 
 
 # -----------------------------------------------------------------------------
@@ -198,19 +199,24 @@ class Stage:
         loss = "sum-to-one loss" if self.loss == "sum_to_one" else f"MCE, weights {[round(w, 4) for w in self.weights]}"
         return f"bags of s={self.s} (mode {self.mode}, {loss})"
 
-    def data_tokens_per_row(self, T):
-        """Data tokens a row consumes (the stream advances by this; the row holds one more, the last label). The
+    @property
+    def tokens_per_position(self):
+        """Data tokens one of the T positions of a row reads: s with bags in (modes full and input), else 1. The
         transformer processes T positions per row in every stage, so FLOPs per step never change."""
-        return self.s * T if self.superposition and self.mode in ("full", "input") else T
+        return self.s if self.superposition and self.mode in ("full", "input") else 1
 
-    def batch(self, rows):
-        """Rows of data_tokens_per_row(T) + 1 tokens -> (inputs, targets, loss_fn) for the model.
+    def data_tokens_per_row(self, T):
+        """Data tokens a row consumes (the loader's row length; the row holds one more, the last label)."""
+        return self.tokens_per_position * T
+
+    def batch(self, inputs, labels):
+        """A micro-batch's next-token (inputs, labels), each (B, data_tokens_per_row(T)): the rows with their last
+        token dropped and shifted by one -> (inputs, targets, loss_fn) for the model.
 
         inputs (B, T) ids or (B, T, s) bags; targets (B, T) next tokens, or (B, T, k) bags of targets; loss_fn None
         (the model's next-token cross-entropy) or the stage's bag loss, as model.py calls it on a chunk of positions:
         loss_fn(logits (n, V) float32, targets (n, k)) -> the chunk's share of the micro-batch's loss.
         """
-        inputs, labels = rows[:, :-1], rows[:, 1:]
         if not self.superposition:
             return inputs, labels, None
         if self.mode == "full":
@@ -235,53 +241,62 @@ def step_at(fraction, max_steps):
     return math.floor(Fraction(str(fraction)) * max_steps)
 
 
+def check(config):
+    """The TST settings of a run of config["max_steps"] steps: a ValueError naming any that is impossible."""
+    s, r, pairs, mode, loss = (config[k] for k in ("s", "r", "s_schedule", "tst_mode", "bag_loss"))
+    if mode not in MODES:
+        raise ValueError(f"tst_mode={mode!r}: use one of {', '.join(MODES)}")
+    if loss not in BAG_LOSSES:
+        raise ValueError(f"bag_loss={loss!r}: use one of {', '.join(BAG_LOSSES)}")
+    if loss == "sum_to_one" and config["bag_weights"] != "uniform":
+        raise ValueError(f"bag_weights={config['bag_weights']!r} with bag_loss='sum_to_one': the sum-to-one loss "
+                         f"has no weights; leave bag_weights='uniform' or use bag_loss='mce'")
+    if not isinstance(s, int) or s < 1:
+        raise ValueError(f"s={s!r}: the bag size must be an integer >= 1 (1 = baseline)")
+    if not 0 <= r < 1:
+        raise ValueError(f"r={r}: the superposition fraction must be in [0, 1) (the paper: 0.2-0.4)")
+    for item in pairs:
+        if not (isinstance(item, (list, tuple)) and len(item) == 2 and is_number(item[0])
+                and isinstance(item[1], int) and not isinstance(item[1], bool)):
+            raise ValueError(f"s_schedule={pairs}: each stage is a pair (end_fraction, s) of a number and an "
+                             f"integer, e.g. (0.3, 4)")
+    if pairs and (s != 1 or r != 0):
+        raise ValueError(f"s_schedule={pairs} and s={s}, r={r}: set either s and r, or s_schedule")
+    start = 0
+    for fraction, stage_s in pairs:
+        end = step_at(fraction, config["max_steps"])
+        if not 0 < fraction < 1 or stage_s < 2 or end <= start:
+            raise ValueError(f"s_schedule={pairs}: stage {(fraction, stage_s)} must have 0 < end_fraction < 1, "
+                             f"fractions increasing, s >= 2, and at least one step of the {config['max_steps']}")
+        start = end
+    for stage_s in [s] + [stage_s for _, stage_s in pairs]:
+        if mode != "input" and stage_s > 1:
+            bag_weights(stage_s, config["bag_weights"])  # raises on weights that do not fit
+
+
 class Schedule:
-    """The stages of a run of max_steps steps: superposition stages, then next-token training to the end.
+    """The stages of a run: superposition stages, then next-token training to the end. Built once per run, from its
+    checked settings (config.check) and the facts of its prepared data (data.load_meta's meta.json: the end-of-text
+    id eot, the token counts; None where there is no data, as for a plan), which a stage may use.
 
     From the settings: s and r (the paper: bags of s for floor(r * max_steps) steps), or s_schedule, a list of
     (end_fraction, s) pairs with increasing fractions, e.g. [(0.15, 8), (0.3, 4)]: s = 8 for the first 15% of the
-    steps, 4 until 30%, then next-token. Raises ValueError on impossible settings, naming them.
+    steps, 4 until 30%, then next-token.
     """
 
-    def __init__(self, config, max_steps):
+    def __init__(self, config, data=None):
         s, r, pairs, mode, loss = (config[k] for k in ("s", "r", "s_schedule", "tst_mode", "bag_loss"))
-        if mode not in MODES:
-            raise ValueError(f"tst_mode={mode!r}: use one of {', '.join(MODES)}")
-        if loss not in BAG_LOSSES:
-            raise ValueError(f"bag_loss={loss!r}: use one of {', '.join(BAG_LOSSES)}")
-        if loss == "sum_to_one" and config["bag_weights"] != "uniform":
-            raise ValueError(f"bag_weights={config['bag_weights']!r} with bag_loss='sum_to_one': the sum-to-one loss "
-                             f"has no weights; leave bag_weights='uniform' or use bag_loss='mce'")
-        if not isinstance(s, int) or s < 1:
-            raise ValueError(f"s={s!r}: the bag size must be an integer >= 1 (1 = baseline)")
-        if not 0 <= r < 1:
-            raise ValueError(f"r={r}: the superposition fraction must be in [0, 1) (the paper: 0.2-0.4)")
-        for item in pairs:
-            if not (isinstance(item, (list, tuple)) and len(item) == 2 and is_number(item[0])
-                    and isinstance(item[1], int) and not isinstance(item[1], bool)):
-                raise ValueError(f"s_schedule={pairs}: each stage is a pair (end_fraction, s) of a number and an "
-                                 f"integer, e.g. (0.3, 4)")
-        if pairs and (s != 1 or r != 0):
-            raise ValueError(f"s_schedule={pairs} and s={s}, r={r}: set either s and r, or s_schedule")
+        max_steps, self.data = config["max_steps"], data
         if not pairs:  # the paper's single switch; floor(r * max_steps) = 0 steps of it is the baseline
             pairs = [(r, s)] if s > 1 and step_at(r, max_steps) > 0 else []
         self.stages, start = [], 0
-        for item in pairs:
-            fraction, stage_s = item
+        for fraction, stage_s in pairs:
             end = step_at(fraction, max_steps)
-            if not 0 < fraction < 1 or stage_s < 2 or end <= start:
-                raise ValueError(f"s_schedule={pairs}: stage {tuple(item)} must have 0 < end_fraction < 1, "
-                                 f"fractions increasing, s >= 2, and at least one step of the {max_steps}")
             weights = (1.0,) if mode == "input" else tuple(bag_weights(stage_s, config["bag_weights"]).tolist())
             self.stages.append(Stage(start, end, stage_s, mode, weights, loss))
             start = end
         self.stages.append(Stage(start, max_steps, 1))
         self.reinit_at_switch = config["reinit_at_switch"]
-
-    @property
-    def switch_step(self):
-        """The first step of next-token training (0 for a baseline)."""
-        return self.stages[-1].start
 
     @property
     def boundaries(self):
@@ -291,9 +306,11 @@ class Schedule:
     def stage(self, step):
         return next(stage for stage in self.stages if step < stage.end)
 
-    def window(self, T):
-        """The loader's window: the smallest stretch of text that every stage's rows divide evenly (4T for s = 4)."""
-        return math.lcm(*(stage.data_tokens_per_row(T) for stage in self.stages))
+    @property
+    def window_factor(self):
+        """The least common multiple of every stage's data tokens per position: the loader's windows of T times this
+        many tokens divide evenly into rows of every stage (4T for s = 4)."""
+        return math.lcm(*(stage.tokens_per_position for stage in self.stages))
 
     def label(self, step):
         """The console's name for the stage of `step`: nothing for a baseline, which has one."""

@@ -19,6 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
+import prepare  # noqa: E402
 from model import NAMED_SHAPES  # noqa: E402
 
 T, S = 2048, 6
@@ -30,7 +31,7 @@ parser.add_argument("--batch_size", type=int, default=16)
 parser.add_argument("--seconds", type=float, default=3.0)
 args = parser.parse_args()
 if not (Path(args.data_dir) / "meta.json").exists():
-    data.prepare("stdlib", "bytes", args.data_dir)
+    prepare.prepare("stdlib", "bytes", args.data_dir)
 
 flops = NAMED_SHAPES["270m"].flops_per_position(T)
 positions = MFU * H200_PEAK / flops

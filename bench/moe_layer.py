@@ -4,7 +4,7 @@
     python bench/moe_layer.py --tokens 4096 --dtype bfloat16 --repeats 5
     python bench/moe_layer.py --threads 1   # on a shared CPU: busy neighbours stall OpenMP's thread barriers
 
-The layer is model.MoE with model.NAMED_SHAPES["10b-a1b"]'s shape (dim 1024, 128 experts of 512, top-8) and a
+The layer is moe.MoE with model.NAMED_SHAPES["10b-a1b"]'s shape (dim 1024, 128 experts of 512, top-8) and a
 freshly initialised router, so the load is roughly balanced. The input requires grad, as inside a model. Timed:
 forward, a sum of the output (plus the aux loss) as the loss, backward; the median of --repeats after one warm-up.
 Also printed: how far the grouped path's output and gradients are from the loop's on the same input.
@@ -20,7 +20,8 @@ from dataclasses import replace
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from model import GROUPED_MM, NAMED_SHAPES, MoE  # noqa: E402
+from model import NAMED_SHAPES  # noqa: E402
+from moe import GROUPED_MM, MoE  # noqa: E402
 
 
 def sync(device):

@@ -5,56 +5,46 @@
     python bench/step.py config/tiny_tst.py --steps 20           # on CPU
     python bench/step.py config/270m_tst.py --json OUT.json      # also write the figures as JSON
 
-Both steps process batch_size x seq_len positions through the same model, optimizer and loss code as train.py
-(Stage.batch, the model's chunked loss); phase 1 reads rows of s*T+1 tokens (bags, the bag loss), the baseline rows
+Both steps are train.py's own train_step (Stage.batch, the model's chunked loss, AdamW, clipping), on batch_size x
+seq_len positions of random tokens; phase 1 reads rows of s*T+1 tokens (bags, the bag loss), the baseline rows
 of T+1 (tokens, CE). Prints, per phase, the median step time, positions/s, data tokens/s, MFU (from positions,
 against --peak_flops) and peak GPU memory, and the ratio of the two step times (the goal: phase 1 at most 1.03x).
 """
 
 import argparse
-import contextlib
 import json
 import os
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import config as settings  # noqa: E402
 import train  # noqa: E402
-import tst  # noqa: E402
-from model import ModelConfig, Transformer  # noqa: E402
+import tst  # noqa: E402  # TST
 
 
-def measure(model, optimizer, c, stage, steps, device, autocast):
-    T = c["seq_len"]
-    row = stage.data_tokens_per_row(T) + 1
-    rows = torch.randint(0, c["vocab_size"], (c["batch_size"], row), device=device)
-    x, y, loss_fn = stage.batch(rows)
+class RandomRows:
+    """The loader's next_rows on random tokens: a benchmark needs no data."""
 
-    def step():
-        with autocast:
-            loss, aux_loss = model(x, y, loss_fn)
-        (loss + aux_loss).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss
+    def __init__(self, batch_size, vocab_size, device):
+        self.batch_size, self.vocab_size, self.device = batch_size, vocab_size, device
 
+    def next_rows(self, L):
+        return torch.randint(0, self.vocab_size, (self.batch_size, L + 1), device=self.device)
+
+
+def measure(run, step, steps):
+    """train.py's own train_step at `step` (its stage): the record of median time after 3 warm-up steps, and the peak
+    GPU memory."""
     for _ in range(3):  # warm-up: compilation and allocator
-        step().item()
-    if device.type == "cuda":
+        train.train_step(run, step)
+    if run.device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        step().item()  # .item() waits for the GPU, as train.py's logging does
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    dt = times[len(times) // 2]
-    peak_memory = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    return dt, c["batch_size"] * T, c["batch_size"] * (row - 1), peak_memory
+    records = sorted((train.train_step(run, step)[0] for _ in range(steps)), key=lambda r: r["dt"])  # ends in .item()
+    peak_memory = torch.cuda.max_memory_allocated() / 2**30 if run.device.type == "cuda" else None
+    return records[len(records) // 2], peak_memory
 
 
 def main():
@@ -67,44 +57,42 @@ def main():
     parser.add_argument("--peak_flops", type=float, default=989e12, help="per-GPU peak (H100/H200 dense bf16)")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
-    c = train.parse_config([args.config])
+    c = settings.load([args.config])
     c["batch_size"] = args.batch_size or c["batch_size"]
     c["n_layers"] = args.n_layers or c["n_layers"]
-    if c["vocab_size"] == 0:
-        c["vocab_size"] = 257  # the bytes tokenizer of the tiny configs
+    c["vocab_size"] = c["vocab_size"] or 257  # the bytes tokenizer of the tiny configs
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+    c["compile"] = args.compile == 1 or (args.compile == -1 and cuda)
+    c["global_batch_tokens"], c["grad_clip"], c["lr"], c["warmup_steps"] = 0, 1.0, 1e-4, 0
     torch.backends.cuda.matmul.allow_tf32 = True
-    cfg = ModelConfig(**{k: c[k] for k in train.MODEL_KEYS})
-    model = Transformer(cfg).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=cuda)
-    compiled = args.compile == 1 or (args.compile == -1 and cuda)
-    if compiled:  # as train.py compiles: block by block, the loss eager
-        for block in model.layers:
-            block.compile()
+    raw_model, model, optimizer, autocast = train.build_model(c, device, torch.bfloat16 if cuda else torch.float32)
+    B, T = c["batch_size"], c["seq_len"]
+    run = train.Run(config=c, argv=[], rank=0, world=1, device=device, raw_model=raw_model, model=model,
+                    optimizer=optimizer, autocast=autocast, loader=RandomRows(B, c["vocab_size"], device),
+                    val_rows=None, grad_accum=1, rows_per_step=B,
+                    schedule=tst.Schedule(c),  # TST
+                    flops_per_position=raw_model.flops_per_position(T), peak_flops=args.peak_flops if cuda else 0.0,
+                    tokenizer=None, totals={"positions": 0, "data_tokens": 0, "flops": 0})
     name = torch.cuda.get_device_name() if cuda else "CPU"
-    print(f"{args.config}: {cfg.num_params() / 1e6:.1f}M parameters, {c['batch_size']} rows x {c['seq_len']} "
-          f"positions, s={c['s']}, mode={c['tst_mode']}, bag_loss={c['bag_loss']}; {name}, torch "
-          f"{torch.__version__}, threads {torch.get_num_threads()}, compile={compiled}")
-    flops_per_position = cfg.flops_per_position(c["seq_len"])
+    print(f"{args.config}: {raw_model.num_params() / 1e6:.1f}M parameters, {B} rows x {T} positions; {name}, torch "
+          f"{torch.__version__}, threads {torch.get_num_threads()}, compile={c['compile']}")
+    print(run.schedule.describe(T))  # TST
     results = {}
-    schedule = tst.Schedule(c, c["max_steps"])
-    for phase, label in ((2, "baseline (phase 2)"), (1, "TST phase 1")):
-        stage = schedule.stage(0 if phase == 1 else c["max_steps"] - 1)
-        dt, positions, data_tokens, memory = measure(model, optimizer, c, stage, args.steps, device, autocast)
-        mfu = flops_per_position * positions / dt / args.peak_flops if cuda else None
-        results[label] = {"ms": 1000 * dt, "positions_per_sec": positions / dt, "data_tokens_per_sec": data_tokens / dt,
-                          "mfu": mfu, "peak_memory_gib": memory if cuda else None}
-        print(f"{label:>20}: {1000 * dt:8.1f} ms/step  {positions / dt:12,.0f} positions/s  "
-              f"{data_tokens / dt:12,.0f} data tokens/s  " + (f"MFU {100 * mfu:5.1f}%  peak memory {memory:6.1f} GiB"
-                                                              if cuda else "MFU n/a"))
+    for step, label in ((c["max_steps"] - 1, "baseline (phase 2)"), (0, "TST phase 1")):
+        record, memory = measure(run, step, args.steps)
+        results[label] = {"ms": 1000 * record["dt"], "positions_per_sec": record["positions_per_sec"],
+                          "data_tokens_per_sec": record["data_tokens_per_sec"], "mfu": record["mfu"],
+                          "peak_memory_gib": memory}
+        print(f"{label:>20}: {1000 * record['dt']:8.1f} ms/step  {record['positions_per_sec']:12,.0f} positions/s  "
+              f"{record['data_tokens_per_sec']:12,.0f} data tokens/s  " + (
+                  f"MFU {100 * record['mfu']:5.1f}%  peak memory {memory:6.1f} GiB" if cuda else "MFU n/a"))
     ratio = results["TST phase 1"]["ms"] / results["baseline (phase 2)"]["ms"]
     print(f"phase-1 step / baseline step: {ratio:.3f}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"config": args.config, "device": name, "batch_size": c["batch_size"], "n_layers": c["n_layers"],
-                       "compile": compiled, "phases": results, "ratio": ratio}, f, indent=1)
+            json.dump({"config": args.config, "device": name, "batch_size": B, "n_layers": c["n_layers"],
+                       "compile": c["compile"], "phases": results, "ratio": ratio}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 # tokens), 4,000 steps of 16 rows x 1,024 positions = 65.5M positions. The baseline reads 65.5M data tokens (2.1 epochs
 # of the books), books_tst.py 81.9M (2.7 epochs). bench/books_pair.sh prepares the data, trains both, scores both on
 # the whole validation split and prints the comparison. The data by hand:
-#   TIKTOKEN_CACHE_DIR=../shared/data/tiktoken_cache python data.py --source '../shared/data/corpus/train.jsonl.xz' \
+#   TIKTOKEN_CACHE_DIR=../shared/data/tiktoken_cache python prepare.py --source '../shared/data/corpus/train.jsonl.xz' \
 #       --tokenizer gpt2 --out_dir data/books_gpt2
 out_dir = "out/books_baseline"
 data_dir = "data/books_gpt2"

@@ -1,7 +1,7 @@
 # A single-GPU pair for people without a cluster: an 8-layer, d 512 model (26M non-embedding parameters,
 # GPT-2 tokenizer) on FineWeb-Edu, 4000 steps of 262k positions (~1B positions, ~4e17 FLOPs: well under half
 # an hour on one H100/H200 each). Prepare the data first:
-#   python data.py --source fineweb-edu:sample-10BT --tokenizer gpt2 --out_dir data/fwedu_gpt2 --max_tokens 3e9
+#   python prepare.py --source fineweb-edu:sample-10BT --tokenizer gpt2 --out_dir data/fwedu_gpt2 --max_tokens 3e9
 out_dir = "out/small_baseline"
 data_dir = "data/fwedu_gpt2"
 data_source = "fineweb-edu:sample-10BT"

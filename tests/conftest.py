@@ -23,13 +23,13 @@ def shared_data():
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
     """A small byte-level corpus made here, for the training tests: text files -> shards."""
-    import data
+    import prepare
     folder = tmp_path_factory.mktemp("corpus")
     for i in range(40):
         words = " ".join(f"w{(i * 7 + k * k) % 53}" for k in range(400))
         (folder / f"doc{i:02d}.txt").write_text(f"document {i}: {words}\n")
     out = folder / "shards"
-    data.prepare(str(folder / "*.txt"), "bytes", out, val_tokens=4000, num_proc=1)
+    prepare.prepare(str(folder / "*.txt"), "bytes", out, val_tokens=4000, num_proc=1)
     return out
 
 

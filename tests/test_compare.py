@@ -309,10 +309,11 @@ def test_user_mistakes_print_one_line_and_bugs_keep_their_traceback(tmp_path, mo
     assert stopped.value.code == 1
     assert capsys.readouterr().err == (f"error: {tmp_path / 'nowhere'}: no config.json; a run folder is a train.py "
                                        f"out_dir (config.json and log.jsonl)\n")
-    # a log without the phase of each step is not train.py's: compare.py's own assumption fails, with its traceback
+    # a log without the positions of each step is not train.py's (a fork without TST logs no phase, but positions):
+    # compare.py's own assumption fails, with its traceback
     run = fake_run(tmp_path / "odd", 1, 0.0, [3.0])
     (run / "log.jsonl").write_text('{"step": 0, "val_loss": 3.0, "data_tokens": 1}\n')
-    with pytest.raises(KeyError, match="phase"):
+    with pytest.raises(KeyError, match="positions"):
         compare_py(run)
 
 

@@ -1,8 +1,13 @@
-"""data.py: text -> shards -> rows, for both TST phases, under DDP and across resumes; and every bad input."""
+"""prepare.py and data.py: text -> shards -> rows, for both TST phases, under DDP and across resumes, signals and full
+disks; and every bad input."""
 
 import base64
 import contextlib
+import errno
 import faulthandler
+import fcntl
+import gzip
+import hashlib
 import json
 import multiprocessing
 import os
@@ -12,6 +17,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +25,7 @@ import pytest
 import torch
 
 import data
+import prepare
 from data import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,17 +97,20 @@ def test_real_tokenizers_from_the_offline_assets(shared_data, monkeypatch):
         assert (tok.encode("Hello world"), tok.eot, tok.n_vocab, tok.bos) == (ids, eot, n_vocab, None)
     llama = data.get_tokenizer(f"llama3:{shared_data / 'llama3' / 'tokenizer.model'}")
     assert (llama.n_vocab, llama.bos, llama.eot, llama.encode("Hello world")) == (128256, 128000, 128001, [9906, 1917])
-    # meta.json's vocab_size is checked against these where they load offline
+    # meta.json's vocab_size, eot and bos are checked against these where they load offline
     names = ["gpt2", "o200k_base", f"llama3:{shared_data / 'llama3' / 'tokenizer.model'}"]
-    assert [data.known_vocab_size(name) for name in names] == [50257, 200019, 128256]
+    assert [tuple(data.known_ids(name).values()) for name in names] == [(50257, 50256, None), (200019, 199999, None),
+                                                                         (128256, 128001, 128000)]
 
 
-def test_a_tokenizers_vocabulary_is_known_where_that_is_cheap_and_needs_no_network(tmp_path, monkeypatch):
-    assert data.known_vocab_size("bytes") == 257
+def test_a_tokenizers_ids_are_known_where_that_is_cheap_and_needs_no_network(tmp_path, monkeypatch):
+    assert data.known_ids("bytes") == {"vocab_size": 257, "eot": 256, "bos": None}
     name = write_ranks(tmp_path / "tokenizer.model", [bytes([b]) for b in range(256)] + [b"he"])
-    assert data.known_vocab_size(name) == data.get_tokenizer(name).n_vocab == 257 + 256
-    assert data.known_vocab_size(f"llama3:{tmp_path / 'not_on_this_machine.model'}") is None
-    assert data.known_vocab_size("none") is None  # a folder made by hand
+    tok = data.get_tokenizer(name)
+    assert data.known_ids(name) == {"vocab_size": tok.n_vocab, "eot": tok.eot, "bos": tok.bos}
+    assert tok.n_vocab == 257 + 256
+    assert data.known_ids(f"llama3:{tmp_path / 'not_on_this_machine.model'}") is None
+    assert data.known_ids("none") is None  # a folder made by hand
 
     import requests  # what tiktoken downloads with
 
@@ -110,13 +120,14 @@ def test_a_tokenizers_vocabulary_is_known_where_that_is_cheap_and_needs_no_netwo
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "empty_cache"))
     monkeypatch.setattr(data.tiktoken.registry, "ENCODINGS", {})  # none loaded yet in this process
     original = data.tiktoken.load.read_file
-    assert data.known_vocab_size("cl100k_base") is None and data.tiktoken.load.read_file is original
+    assert data.known_ids("cl100k_base") is None and data.tiktoken.load.read_file is original
 
 
 def test_a_vocabulary_over_uint16_gets_uint32_shards(shared_data, monkeypatch, tmp_path):
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(shared_data / "tiktoken_cache"))
     docs = ["Hello world", "the end"]
-    meta = data.prepare(write_docs(tmp_path / "docs", docs), "cl100k_base", tmp_path / "out", val_tokens=0, num_proc=1)
+    meta = prepare.prepare(write_docs(tmp_path / "docs", docs), "cl100k_base", tmp_path / "out", val_tokens=0,
+                           num_proc=1)
     assert meta["dtype"] == "uint32"
     tokens = split_stream(tmp_path / "out", "train")
     assert tokens.dtype == np.uint32 and list(tokens) == list(expected_tokens(data.get_tokenizer("cl100k_base"), docs))
@@ -129,7 +140,7 @@ def test_a_vocabulary_over_uint16_gets_uint32_shards(shared_data, monkeypatch, t
 def test_round_trip_text_to_shards_to_rows_to_text(tmp_path):
     docs = make_docs(300)
     tok = data.get_tokenizer("bytes")
-    meta = data.prepare(write_docs(tmp_path / "docs", docs), "bytes", tmp_path / "out", val_tokens=2000,
+    meta = prepare.prepare(write_docs(tmp_path / "docs", docs), "bytes", tmp_path / "out", val_tokens=2000,
                         shard_tokens=5000, num_proc=2)
     n_val = next(i for i in range(len(docs) + 1) if len(expected_tokens(tok, docs[:i])) >= 2000)
     val, train = split_stream(tmp_path / "out", "val"), split_stream(tmp_path / "out", "train")
@@ -146,7 +157,7 @@ def test_round_trip_text_to_shards_to_rows_to_text(tmp_path):
                                                      for s in meta["shards"]]
 
     # rows of both phases' lengths are stretches of the prepared text, its document prefixes included
-    data.prepare(write_docs(tmp_path / "docs", docs), "bytes", tmp_path / "one", val_tokens=2000, num_proc=2)
+    prepare.prepare(write_docs(tmp_path / "docs", docs), "bytes", tmp_path / "one", val_tokens=2000, num_proc=2)
     s, T = 6, 16
     loader = data.TokenLoader(tmp_path / "one", "train", 4, window=s * T)
     text = data.read_shard(tmp_path / "one" / "train_000000.bin").tolist()  # the one train shard
@@ -159,7 +170,7 @@ def test_round_trip_text_to_shards_to_rows_to_text(tmp_path):
 
 
 def test_stdlib_is_the_offline_default_corpus(tmp_path):
-    metas = [data.prepare("stdlib", "bytes", tmp_path / d, val_tokens=20_000, max_tokens=50_000) for d in "ab"]
+    metas = [prepare.prepare("stdlib", "bytes", tmp_path / d, val_tokens=20_000, max_tokens=50_000) for d in "ab"]
     assert metas[0]["vocab_size"] == 257 and metas[0]["train_tokens"] >= 50_000 and not metas[0]["exhausted"]
     for split in data.SPLITS:  # a fixed order of files, so every machine with this Python gets the same data
         assert np.array_equal(split_stream(tmp_path / "a", split), split_stream(tmp_path / "b", split))
@@ -178,20 +189,20 @@ def test_datasets_path_reads_local_jsonl_and_parquet(tmp_path, kind):
         import pyarrow.parquet as pq
         pq.write_table(pa.Table.from_pylist(rows), tmp_path / "a.parquet")
     source = str(tmp_path / f"*.{kind}")
-    data.prepare(source, "bytes", tmp_path / "out", val_tokens=0, text_field="content", num_proc=1)
+    prepare.prepare(source, "bytes", tmp_path / "out", val_tokens=0, text_field="content", num_proc=1)
     assert np.array_equal(split_stream(tmp_path / "out", "train"), expected_tokens(data.get_tokenizer("bytes"), docs))
     with pytest.raises(UserError, match="no column 'text'.*content"):
-        data.prepare(source, "bytes", tmp_path / "out2", num_proc=1)
+        prepare.prepare(source, "bytes", tmp_path / "out2", num_proc=1)
     # found while reading, not inside a tokenizer process, where it would fail far from its cause
     with pytest.raises(UserError, match="column 'id' holds int, not text"):
-        data.prepare(source, "bytes", tmp_path / "out3", text_field="id", num_proc=2)
+        prepare.prepare(source, "bytes", tmp_path / "out3", text_field="id", num_proc=2)
 
 
 def test_a_mix_follows_its_weights_and_stops_when_a_source_runs_out(tmp_path, capsys):
     a_docs = [f"a{i}".ljust(29, "a") for i in range(4)]  # 30 characters a document, with its separator
     b_docs = [f"b{i}".ljust(9, "b") for i in range(100)]  # 10
     source = f"3*{write_docs(tmp_path / 'a', a_docs)},1*{write_docs(tmp_path / 'b', b_docs)}"
-    data.prepare(source, "bytes", tmp_path / "out", val_tokens=0, num_proc=1)
+    prepare.prepare(source, "bytes", tmp_path / "out", val_tokens=0, num_proc=1)
     out = data.get_tokenizer("bytes").decode(split_stream(tmp_path / "out", "train")).split(EOT_TEXT)[1:]
     assert [d for d in out if d[0] == "a"] == a_docs  # each source in its own order, all of the scarce one
     assert [d for d in out if d[0] == "b"] == b_docs[:len(out) - 4]
@@ -203,8 +214,8 @@ def test_a_mix_follows_its_weights_and_stops_when_a_source_runs_out(tmp_path, ca
 
 
 def prepare_until_a_power_cut(monkeypatch, n_docs, *args, **kw):
-    """data.prepare(*args, **kw), stopped by an exception when it asks for document n_docs."""
-    real = data._documents
+    """prepare.prepare(*args, **kw), stopped by an exception when it asks for document n_docs."""
+    real = prepare._documents
 
     def power_cut(*source):
         for i, doc in enumerate(real(*source)):
@@ -212,21 +223,21 @@ def prepare_until_a_power_cut(monkeypatch, n_docs, *args, **kw):
                 raise RuntimeError("power cut")
             yield doc
     with monkeypatch.context() as m:
-        m.setattr(data, "_documents", power_cut)
+        m.setattr(prepare, "_documents", power_cut)
         with pytest.raises(RuntimeError, match="power cut"):
-            data.prepare(*args, **kw)
+            prepare.prepare(*args, **kw)
 
 
 def test_an_interrupted_or_damaged_preparation_resumes_to_the_same_shards(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "BATCH_CHARS", 300)  # many small tokenizer tasks
+    monkeypatch.setattr(prepare, "BATCH_CHARS", 300)  # many small tokenizer tasks
     source = write_docs(tmp_path / "docs", make_docs(120, seed=2))
     kw = dict(val_tokens=1000, shard_tokens=2000, num_proc=2)
-    reference = data.prepare(source, "bytes", tmp_path / "ref", **kw)
+    reference = prepare.prepare(source, "bytes", tmp_path / "ref", **kw)
 
     prepare_until_a_power_cut(monkeypatch, 90, source, "bytes", tmp_path / "out", **kw)
     partial = json.loads((tmp_path / "out" / "meta.json").read_text())
     assert not partial["done"] and 2 <= len(partial["shards"]) < len(reference["shards"])
-    with pytest.raises(UserError, match="only partly prepared.*python data.py --source .* --val_tokens 1000 "
+    with pytest.raises(UserError, match="only partly prepared.*python prepare.py --source .* --val_tokens 1000 "
                                          "--shard_tokens 2000"):
         data.TokenLoader(tmp_path / "out", "train", 2, window=8)
     finished = {s["file"]: os.stat(tmp_path / "out" / s["file"]).st_mtime_ns for s in partial["shards"]}
@@ -236,15 +247,15 @@ def test_an_interrupted_or_damaged_preparation_resumes_to_the_same_shards(tmp_pa
             assert (tmp_path / "out" / s["file"]).read_bytes() == (tmp_path / "ref" / s["file"]).read_bytes()
         assert json.loads((tmp_path / "out" / "meta.json").read_text()) == reference
 
-    assert data.prepare(source, "bytes", tmp_path / "out", **kw) == reference
+    assert prepare.prepare(source, "bytes", tmp_path / "out", **kw) == reference
     same_as_reference()
     assert {f: os.stat(tmp_path / "out" / f).st_mtime_ns for f in finished} == finished  # skipped, not rewritten
 
     broken = tmp_path / "out" / reference["shards"][3]["file"]
     broken.write_bytes(broken.read_bytes()[:-7])
-    with pytest.raises(UserError, match=f"{broken.name} is truncated.*re-run python data.py --source"):
+    with pytest.raises(UserError, match=f"{broken.name} is truncated.*re-run python prepare.py --source"):
         data.TokenLoader(tmp_path / "out", "train", 2, window=8)
-    data.prepare(source, "bytes", tmp_path / "out", **kw)
+    prepare.prepare(source, "bytes", tmp_path / "out", **kw)
     same_as_reference()
 
 
@@ -252,27 +263,27 @@ def test_a_preparation_that_fails_before_its_first_train_shard_leaves_the_folder
     source = write_docs(tmp_path / "docs", make_docs(40, seed=5))
     out = tmp_path / "out"
     with pytest.raises(UserError, match="none left for training.*smaller --val_tokens"):
-        data.prepare(source, "bytes", out, num_proc=1)  # the default 1,000,000 val tokens take every document
+        prepare.prepare(source, "bytes", out, num_proc=1)  # the default 1,000,000 val tokens take every document
     assert not out.exists()
     # cut off while writing the val split, in shards of 300 tokens: no meta.json ties the folder to those settings
-    monkeypatch.setattr(data, "BATCH_CHARS", 300)  # small tokenizer tasks, so that shards are written before the cut
+    monkeypatch.setattr(prepare, "BATCH_CHARS", 300)  # small tokenizer tasks, so that shards are written before the cut
     prepare_until_a_power_cut(monkeypatch, 20, source, "bytes", out, val_tokens=5000, shard_tokens=300, num_proc=1)
     assert len(list(out.glob("val_*.bin"))) >= 2 and not (out / "meta.json").exists()
 
     kw = dict(val_tokens=500, shard_tokens=300, num_proc=1)
-    meta = data.prepare(source, "bytes", out, **kw)
-    assert meta == data.prepare(source, "bytes", tmp_path / "fresh", **kw)
+    meta = prepare.prepare(source, "bytes", out, **kw)
+    assert meta == prepare.prepare(source, "bytes", tmp_path / "fresh", **kw)
     for split in data.SPLITS:
         assert np.array_equal(split_stream(out, split), split_stream(tmp_path / "fresh", split))
 
 
 def test_max_tokens_stops_early_and_a_rerun_extends_the_same_stream(tmp_path):
     source = write_docs(tmp_path / "docs", make_docs(80, seed=3))
-    full = data.prepare(source, "bytes", tmp_path / "full", val_tokens=500, num_proc=2)
-    part = data.prepare(source, "bytes", tmp_path / "out", val_tokens=500, max_tokens=1000, num_proc=2)
+    full = prepare.prepare(source, "bytes", tmp_path / "full", val_tokens=500, num_proc=2)
+    part = prepare.prepare(source, "bytes", tmp_path / "out", val_tokens=500, max_tokens=1000, num_proc=2)
     assert 1000 <= part["train_tokens"] < full["train_tokens"] and not part["exhausted"]
-    assert data.prepare(source, "bytes", tmp_path / "out", val_tokens=500, max_tokens=1000, num_proc=2) == part
-    data.prepare(source, "bytes", tmp_path / "out", val_tokens=500, num_proc=2)
+    assert prepare.prepare(source, "bytes", tmp_path / "out", val_tokens=500, max_tokens=1000, num_proc=2) == part
+    prepare.prepare(source, "bytes", tmp_path / "out", val_tokens=500, num_proc=2)
     for split in data.SPLITS:
         assert np.array_equal(split_stream(tmp_path / "out", split), split_stream(tmp_path / "full", split))
 
@@ -280,12 +291,12 @@ def test_max_tokens_stops_early_and_a_rerun_extends_the_same_stream(tmp_path):
 STOP_EARLY = """
 import faulthandler, sys
 sys.path.insert(0, sys.argv[1])
-import data
+import prepare
 sys.setswitchinterval(1e-6)  # threads take turns at almost every bytecode: a race between two of them shows sooner
-data.BATCH_CHARS = 1 << 17  # a tokenizer task is one document of 128K characters, several pipe buffers long
+prepare.BATCH_CHARS = 1 << 17  # a tokenizer task is one document of 128K characters, several pipe buffers long
 faulthandler.dump_traceback_later(float(sys.argv[3]), exit=True)  # a hang ends with every thread's stack
 for i in range(int(sys.argv[2])):
-    data.prepare(sys.argv[4], "bytes", f"{sys.argv[5]}/{i}", val_tokens=0, max_tokens=1, num_proc=4)
+    prepare.prepare(sys.argv[4], "bytes", f"{sys.argv[5]}/{i}", val_tokens=0, max_tokens=1, num_proc=4)
 """
 
 
@@ -309,11 +320,11 @@ def test_stopping_early_never_hangs_the_tokenizer_processes(tmp_path):
 
 
 def test_a_tokenizer_process_that_dies_stops_the_preparation_with_one_line_and_a_rerun_resumes(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "BATCH_CHARS", 300)  # many small tokenizer tasks
+    monkeypatch.setattr(prepare, "BATCH_CHARS", 300)  # many small tokenizer tasks
     source = write_docs(tmp_path / "docs", make_docs(200, seed=6))
     kw = dict(val_tokens=500, shard_tokens=2000, num_proc=2)
-    reference = data.prepare(source, "bytes", tmp_path / "ref", **kw)
-    real = data._documents
+    reference = prepare.prepare(source, "bytes", tmp_path / "ref", **kw)
+    real = prepare._documents
 
     def out_of_memory(*source):
         for i, doc in enumerate(real(*source)):
@@ -324,12 +335,160 @@ def test_a_tokenizer_process_that_dies_stops_the_preparation_with_one_line_and_a
     faulthandler.dump_traceback_later(60, exit=True)  # where it hangs (a multiprocessing.Pool did), end the tests
     try:
         with monkeypatch.context() as m:
-            m.setattr(data, "_documents", out_of_memory)
+            m.setattr(prepare, "_documents", out_of_memory)
             with pytest.raises(UserError, match="a tokenizer process died .*re-run the same command"):
-                data.prepare(source, "bytes", tmp_path / "out", **kw)
+                prepare.prepare(source, "bytes", tmp_path / "out", **kw)
     finally:
         faulthandler.cancel_dump_traceback_later()
-    assert data.prepare(source, "bytes", tmp_path / "out", **kw) == reference
+    assert prepare.prepare(source, "bytes", tmp_path / "out", **kw) == reference
+
+
+def descendants(pid):
+    """The processes under pid, from /proc (a process's parent is the 4th field of /proc/PID/stat)."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError):
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+    found, frontier = [], {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier}
+        found += frontier
+    return found
+
+
+def running(pid):
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended
+    except OSError:
+        return False
+
+
+def wait_for(condition, seconds, what):
+    end = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < end, what
+        time.sleep(0.05)
+
+
+STALLED = """
+import runpy, sys, time
+sys.path.insert(0, sys.argv[1])
+import cli, prepare
+prepare.BATCH_CHARS = 1000  # small tokenizer tasks: several are done, and shards written, before the source stalls
+real = prepare._documents
+
+def stalled(*args):  # the corpus, then a source that never sends its next document (a network that hangs)
+    yield from real(*args)
+    while True:
+        time.sleep(1)
+prepare._documents = stalled
+sys.argv = sys.argv[2:]
+if sys.argv[0] == "data.py":  # its alias, as python data.py runs it
+    runpy.run_path("data.py", run_name="__main__")
+cli.run(prepare.main)
+"""
+
+
+@pytest.mark.parametrize("script, signum", [("prepare.py", signal.SIGTERM), ("data.py", signal.SIGTERM),
+                                            ("prepare.py", signal.SIGKILL)])
+def test_a_signal_ends_the_preparation_and_its_tokenizer_processes(tmp_path, script, signum):
+    # SIGTERM (what a cluster, systemd or docker stop send) ends the tokenizer processes with the preparation and
+    # leaves whole shards only; even SIGKILL (the OOM killer's) takes them along. The source stalls after its last
+    # document: the preparation is still running, its tokenizer processes started, whenever it is signalled.
+    source = write_docs(tmp_path / "docs", make_docs(200, seed=9))
+    out, kw = tmp_path / "out", dict(val_tokens=1000, shard_tokens=2000, num_proc=2)
+    args = ["--source", source, "--tokenizer", "bytes", "--out_dir", out] + [f"--{k}={v}" for k, v in kw.items()]
+    with open(tmp_path / "stderr", "w") as log:  # a file, not a pipe, which processes left behind would hold open
+        run = subprocess.Popen([sys.executable, "-c", STALLED, str(ROOT), script, *map(str, args)], cwd=ROOT,
+                               stdout=log, stderr=log)
+    workers = []
+    try:
+        wait_for(lambda: (out / "meta.json").exists() and len(descendants(run.pid)) == 2, 20, "no train shard yet")
+        workers = descendants(run.pid)
+        os.kill(run.pid, signum)
+        run.wait(timeout=10)
+        wait_for(lambda: not any(map(running, workers)), 5, "tokenizer processes outlived the preparation")
+    finally:
+        for pid in [run.pid] + workers:  # what a failed run left behind
+            if running(pid):
+                os.kill(pid, signal.SIGKILL)
+    stderr = (tmp_path / "stderr").read_text()
+    assert run.returncode == (128 + signum if signum == signal.SIGTERM else -signum), stderr
+    if signum == signal.SIGTERM:
+        assert "Traceback" not in stderr and "stopped by SIGTERM" in stderr and "re-run" in stderr, stderr
+        assert sorted(p.name for p in out.iterdir() if not p.name.endswith(".bin")) == ["meta.json"]
+    assert not json.loads((out / "meta.json").read_text())["done"]
+    assert prepare.prepare(source, "bytes", out, **kw) == prepare.prepare(source, "bytes", tmp_path / "fresh", **kw)
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_partial_file(tmp_path, monkeypatch):
+    source = write_docs(tmp_path / "docs", make_docs(100, seed=7))
+    kw = dict(val_tokens=500, shard_tokens=1000, num_proc=1)
+    reference = prepare.prepare(source, "bytes", tmp_path / "ref", **kw)
+    real_open = open
+
+    def disk_full_at(suffix, n):
+        """An open that fails as a full disk does at the n-th file ending in suffix, after writing part of it."""
+        opened = []
+
+        def full(path, mode="r", *args, **kw):
+            f = real_open(path, mode, *args, **kw)
+            if "w" in mode and str(path).endswith(suffix):
+                opened.append(path)
+                if len(opened) == n:
+                    f.write(b"half" if "b" in mode else "half")
+                    f.close()
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return f
+        return full
+
+    out = tmp_path / "out"
+    for module, suffix, n in ((data, ".bin.tmp", 4), (prepare, "meta.json.tmp", 2)):  # a shard, then meta.json
+        with monkeypatch.context() as m:
+            m.setattr(module, "open", disk_full_at(suffix, n), raising=False)
+            with pytest.raises(UserError, match=f"^{re.escape(str(out))}: the disk is full .*re-run the same "
+                                                f"command"):
+                prepare.prepare(source, "bytes", out, **kw)
+        assert not [p for p in out.iterdir() if p.suffix == ".tmp"]
+    assert prepare.prepare(source, "bytes", out, **kw) == reference  # space freed: the re-run resumes
+
+    def denied(*args, **kw):
+        raise OSError(errno.EACCES, os.strerror(errno.EACCES))
+    monkeypatch.setattr(data, "open", denied, raising=False)
+    with pytest.raises(PermissionError):  # by its errno, not its text: other errors keep their traceback
+        prepare.prepare(source, "bytes", tmp_path / "other", **kw)
+
+
+def test_a_folder_is_prepared_by_one_preparation_at_a_time(tmp_path):
+    source = write_docs(tmp_path / "docs", make_docs(20))
+    out = tmp_path / "out"
+    out.mkdir()
+    with open(out / "prepare.lock", "a+") as held:  # as another preparation of the folder holds it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("pid 4242 on elsewhere\n")
+        held.flush()
+        with pytest.raises(UserError, match=f"^{re.escape(str(out))} is being prepared by another process \\(pid 4242 "
+                                            f"on elsewhere\\).*wait for it to end"):
+            prepare.prepare(source, "bytes", out, val_tokens=0, num_proc=1)
+        assert list(out.iterdir()) == [out / "prepare.lock"]  # nothing of the refused one
+    meta = prepare.prepare(source, "bytes", out, val_tokens=0, num_proc=1)
+    assert meta["done"] and not (out / "prepare.lock").exists()  # the lock goes with its preparation
+
+
+@pytest.mark.parametrize("name, content, where", [
+    ("cut.jsonl", b'{"text": "one"}\n{"text": "two"}\n{"text": "thr', r"cut.jsonl, line 3: not a whole JSON"),
+    ("latin1.jsonl", b'{"text": "one"}\n{"text": "caf\xe9"}\n', r"latin1.jsonl, line 2: not UTF-8"),
+    ("cut.jsonl.gz", gzip.compress(b'{"text": "one"}\n{"text": "tw'), r"cut.jsonl.gz, line 2: not a whole JSON"),
+])
+def test_a_damaged_jsonl_file_is_named_with_its_line(tmp_path, capfd, name, content, where):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / f"a_good{name[name.index('.'):]}").write_bytes(gzip.compress(b'{"text": "fine"}\n')
+                                                                        if name.endswith(".gz") else
+                                                                        b'{"text": "fine"}\n')
+    (tmp_path / "docs" / name).write_bytes(content)
+    with pytest.raises(UserError, match=f"{re.escape(str(tmp_path / 'docs'))}/{where}.*repair or delete"):
+        prepare.prepare(str(tmp_path / "docs" / "*"), "bytes", tmp_path / "out", val_tokens=0, num_proc=1)
+    assert "Failed to load JSON" not in capfd.readouterr().err  # datasets' own message would make a second line
 
 
 # -----------------------------------------------------------------------------
@@ -512,16 +671,16 @@ def test_an_epoch_wrap_is_reported(tmp_path, capsys):
 
 def test_missing_or_empty_sources(tmp_path):
     with pytest.raises(UserError, match="nothing/here"):
-        data.prepare(str(tmp_path / "nothing/here/*.txt"), "bytes", tmp_path / "out")
+        prepare.prepare(str(tmp_path / "nothing/here/*.txt"), "bytes", tmp_path / "out")
     source = write_docs(tmp_path / "empty", ["", ""])
     with pytest.raises(UserError, match="none left for training"):
-        data.prepare(source, "bytes", tmp_path / "out", num_proc=1)
+        prepare.prepare(source, "bytes", tmp_path / "out", num_proc=1)
     with pytest.raises(UserError, match="several kinds"):
         write_docs(tmp_path / "mixed", ["x"], ".jsonl")
         write_docs(tmp_path / "mixed", ["y"], ".txt")
-        data.prepare(str(tmp_path / "mixed" / "*"), "bytes", tmp_path / "out2")
+        prepare.prepare(str(tmp_path / "mixed" / "*"), "bytes", tmp_path / "out2")
     with pytest.raises(UserError, match="unknown tokenizer 'bites'"):
-        data.prepare(source, "bites", tmp_path / "out")
+        prepare.prepare(source, "bites", tmp_path / "out")
 
 
 def test_bad_tokenizers(tmp_path, monkeypatch):
@@ -545,7 +704,7 @@ def test_a_vocabulary_too_large_for_the_shard_dtype(tmp_path):
     name = write_ranks(tmp_path / "big.model", [bytes([b]) for b in range(256)] + pairs)
     source = write_docs(tmp_path / "docs", ["hi"])
     with pytest.raises(UserError, match="66,048 ids, too many for --dtype uint16"):
-        data.prepare(source, name, tmp_path / "out", dtype="uint16")
+        prepare.prepare(source, name, tmp_path / "out", dtype="uint16")
     with pytest.raises(ValueError, match="70000 does not fit uint16"):
         data.write_shard(tmp_path / "x.bin", [1, 70000], "uint16")
     folder = labelled_dir(tmp_path / "d", [100])
@@ -556,7 +715,7 @@ def test_a_vocabulary_too_large_for_the_shard_dtype(tmp_path):
 
 
 def test_bad_shards_and_folders(tmp_path):
-    with pytest.raises(UserError, match="meta.json not found.*not a prepared data folder.*python data.py"):
+    with pytest.raises(UserError, match="meta.json not found.*not a prepared data folder.*python prepare.py"):
         data.TokenLoader(tmp_path, "train", 1, window=8)
     folder = labelled_dir(tmp_path / "d", SIZES)
     with pytest.raises(UserError, match="no 'val' split"):
@@ -573,7 +732,7 @@ def test_bad_shards_and_folders(tmp_path):
 
 def test_a_token_id_past_the_vocabulary_is_named_before_the_model_sees_it(tmp_path):
     # today's folders: each shard's largest id is in meta.json, checked without reading the shards again
-    data.prepare(write_docs(tmp_path / "docs", make_docs(30)), "bytes", tmp_path / "new", val_tokens=200, num_proc=1)
+    prepare.prepare(write_docs(tmp_path / "docs", make_docs(30)), "bytes", tmp_path / "new", val_tokens=200, num_proc=1)
     meta_path = tmp_path / "new" / "meta.json"
     meta = json.loads(meta_path.read_text())
     assert data.check_token_ids(tmp_path / "new", 257) == meta and data.check_token_ids(tmp_path / "new", 300) == meta
@@ -581,9 +740,10 @@ def test_a_token_id_past_the_vocabulary_is_named_before_the_model_sees_it(tmp_pa
                                         r"bytes, .*new/val_000000.bin holds id 256\): use 0"):
         data.check_token_ids(tmp_path / "new", 200)
     meta_path.write_text(json.dumps({**meta, "vocab_size": 200}))
-    for check in (lambda: data.load_meta(tmp_path / "new"), lambda: data.TokenLoader(tmp_path / "new", "train", 1, window=8)):
+    for check in (lambda: data.load_meta(tmp_path / "new"),
+                  lambda: data.TokenLoader(tmp_path / "new", "train", 1, window=8)):
         with pytest.raises(UserError, match=r"new/val_000000.bin holds token id 256 \(as .*meta.json records it\), "
-                                            r"outside its vocab_size of 200.*python data.py --source"):
+                                            r"outside its vocab_size of 200.*python prepare.py --source"):
             check()
     meta_path.write_text(json.dumps({**meta, "vocab_size": 1000}))  # accepted by the shards, not by the tokenizer
     with pytest.raises(UserError, match="meta.json: vocab_size 1,000, but tokenizer 'bytes' has 257 ids.*set it "
@@ -598,7 +758,7 @@ def test_a_token_id_past_the_vocabulary_is_named_before_the_model_sees_it(tmp_pa
     loader = data.TokenLoader(old, "train", 2, window=64)
     with pytest.raises(UserError, match=r"old/train_00000[12].bin holds token id (1,[5-9]|2,[0-3])\d\d \(its token "
                                         r"\d+\), outside the data's vocabulary of 1,500 ids.*delete it and re-run "
-                                        r"python data.py --source test"):
+                                        r"python prepare.py --source test"):
         for _ in range(100):
             loader.next_rows(64)
     old_val = labelled_dir(tmp_path / "old_val", SIZES, split="val", record_max=False)
@@ -612,14 +772,14 @@ def test_a_damaged_meta_json_is_named_with_the_command_that_remakes_the_folder(t
     source = write_docs(tmp_path / "docs", make_docs(20))
     out = tmp_path / "out"
     kw = dict(val_tokens=0, shard_tokens=700, num_proc=1)
-    reference = data.prepare(source, "bytes", out, **kw)
+    reference = prepare.prepare(source, "bytes", out, **kw)
     meta_path = out / "meta.json"
     good = meta_path.read_text()
-    general = f"python data.py --source SOURCE --tokenizer TOKENIZER --out_dir {out}"
+    general = f"python prepare.py --source SOURCE --tokenizer TOKENIZER --out_dir {out}"
     for text, problem in [(good[:len(good) // 2], r"is not JSON \(.*\(char \d+\)\)"), ("[]", "is not a JSON object")]:
         meta_path.write_text(text)
         # loading it and preparing into it again say the same
-        for call in (lambda: data.load_meta(out), lambda: data.prepare(source, "bytes", out, **kw)):
+        for call in (lambda: data.load_meta(out), lambda: prepare.prepare(source, "bytes", out, **kw)):
             with pytest.raises(UserError, match=f"meta.json {problem}: it is damaged. Delete it and prepare the folder "
                                                 f"again with {re.escape(general)}$"):
                 call()
@@ -627,9 +787,67 @@ def test_a_damaged_meta_json_is_named_with_the_command_that_remakes_the_folder(t
     with pytest.raises(UserError, match="meta.json lacks shards, done: it is damaged") as damaged:
         data.load_meta(out)
     command = shlex.split(str(damaged.value).split("again with ")[1])
-    assert command[:8] == ["python", "data.py", "--source", source, "--tokenizer", "bytes", "--out_dir", str(out)]
+    assert command[:8] == ["python", "prepare.py", "--source", source, "--tokenizer", "bytes", "--out_dir", str(out)]
     meta_path.unlink()  # as the message says: then its command remakes the folder
-    assert data.prepare(source, "bytes", out, **kw) == reference
+    assert prepare.prepare(source, "bytes", out, **kw) == reference
+
+
+def test_meta_json_records_its_format_and_the_corpus_it_read(tmp_path, monkeypatch):
+    docs = make_docs(120, seed=8)
+    source = write_docs(tmp_path / "docs", docs)
+    kw = dict(val_tokens=1000, shard_tokens=2000, num_proc=1)
+    meta = prepare.prepare(source, "bytes", tmp_path / "ref", **kw)
+    text = "".join(docs).encode("utf-8")
+    assert meta["format"] == 2
+    assert meta["corpus"] == {"documents": 120, "bytes": len(text), "sha256": hashlib.sha256(text).hexdigest()}
+    # a preparation resumed after an interruption records the same corpus
+    monkeypatch.setattr(prepare, "BATCH_CHARS", 300)
+    prepare_until_a_power_cut(monkeypatch, 90, source, "bytes", tmp_path / "out", **kw)
+    assert prepare.prepare(source, "bytes", tmp_path / "out", **kw)["corpus"] == meta["corpus"]
+    # and so does a preparation stopped by --max_tokens and extended: its documents so far, then all of them
+    part = prepare.prepare(source, "bytes", tmp_path / "part", max_tokens=1000, **kw)["corpus"]
+    read = "".join(docs[:part["documents"]]).encode("utf-8")
+    assert 0 < part["documents"] < 120 and part["sha256"] == hashlib.sha256(read).hexdigest()
+    assert prepare.prepare(source, "bytes", tmp_path / "part", **kw)["corpus"] == meta["corpus"]
+    # a folder prepared before these were recorded still loads
+    old = labelled_dir(tmp_path / "old", SIZES)
+    assert "format" not in data.load_meta(old) and "corpus" not in data.load_meta(old)
+
+
+@pytest.mark.parametrize("edit, says", [
+    (lambda m: m.update(vocab_size="257"), r'vocab_size "257", not a positive whole number'),
+    (lambda m: m.update(shards={}), r"shards \{\}, not a list"),
+    (lambda m: m.update(done="yes"), r'done "yes", not true or false'),
+    (lambda m: m.update(dtype="int8"), r'dtype "int8", not uint16 or uint32'),
+    (lambda m: m.update(bos=1.5), r"bos 1.5, not a whole number or null"),
+    (lambda m: m.update(source=["a", "b"]), r'source \["a", "b"\], not text'),
+    (lambda m: m.update(corpus=[]), r"corpus \[\], not an object"),
+    (lambda m: m["shards"][1].pop("tokens"), r"shards\[1\] without tokens"),
+    (lambda m: m["shards"][0].update(split="test"), r'shards\[0\].split "test", not val or train'),
+    (lambda m: m["shards"].append("val_000009.bin"), r'shards\[\d+\] "val_000009.bin", not an object'),
+])
+def test_a_meta_json_field_of_the_wrong_type_is_named(tmp_path, edit, says):
+    source = write_docs(tmp_path / "docs", make_docs(20))
+    out = tmp_path / "out"
+    prepare.prepare(source, "bytes", out, val_tokens=500, shard_tokens=700, num_proc=1)
+    meta = json.loads((out / "meta.json").read_text())
+    edit(meta)
+    (out / "meta.json").write_text(json.dumps(meta))
+    for call in (lambda: data.load_meta(out), lambda: prepare.prepare(source, "bytes", out, num_proc=1)):
+        with pytest.raises(UserError, match=f"meta.json has {says}: it is damaged. Delete it and prepare the folder "
+                                            f"again with python prepare.py --source "):
+            call()
+
+
+def test_an_edited_end_of_text_id_is_refused(tmp_path):
+    prepare.prepare(write_docs(tmp_path / "docs", make_docs(20)), "bytes", tmp_path / "out", val_tokens=0, num_proc=1)
+    path = tmp_path / "out" / "meta.json"
+    meta = json.loads(path.read_text())
+    for key, value, says in (("eot", 10, "end-of-text id 256"), ("bos", 0, "no BOS")):
+        path.write_text(json.dumps({**meta, key: value}))
+        with pytest.raises(UserError, match=f"meta.json: {key} {value}, but tokenizer 'bytes' has {says}: it was "
+                                            f"edited since preparation"):
+            data.check_token_ids(tmp_path / "out", 257)
 
 
 def test_a_missing_data_folder_is_named_without_guessing_its_source(tmp_path, monkeypatch):
@@ -638,8 +856,8 @@ def test_a_missing_data_folder_is_named_without_guessing_its_source(tmp_path, mo
         data.load_meta("data/books_gpt2")
     message = str(missing.value)
     assert message.startswith(f"data folder data/books_gpt2 does not exist (a relative path is from the current "
-                              f"directory, {tmp_path}): prepare it (python data.py --help lists the sources and ")
-    assert message.endswith(" with python data.py --source SOURCE --tokenizer TOKENIZER --out_dir data/books_gpt2")
+                              f"directory, {tmp_path}): prepare it (python prepare.py --help lists the sources and ")
+    assert message.endswith(" with python prepare.py --source SOURCE --tokenizer TOKENIZER --out_dir data/books_gpt2")
     assert "stdlib" not in message
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="^empty/meta.json not found: empty is not a prepared data folder: prepare it"):
@@ -664,7 +882,7 @@ def test_validation_rows_are_spread_evenly_over_the_whole_val_split(tmp_path):
     last = folder / "val_000002.bin"
     last.write_bytes(last.read_bytes()[:-4])
     for check in (lambda: data.validation_rows(folder, 64, 1), lambda: data.TokenLoader(folder, "val", 1, window=8)):
-        with pytest.raises(UserError, match="val_000002.bin is truncated.*re-run python data.py --source test"):
+        with pytest.raises(UserError, match="val_000002.bin is truncated.*re-run python prepare.py --source test"):
             check()
     with pytest.raises(UserError, match="no 'val' split"):
         data.validation_rows(labelled_dir(tmp_path / "train_only", SIZES), 64, 5)
@@ -685,15 +903,15 @@ def test_a_window_longer_than_every_shard_and_a_foreign_loader_state(tmp_path):
 def test_nonsense_sizes_are_refused_before_anything_is_written(tmp_path, setting):
     (name, value), = setting.items()
     with pytest.raises(UserError, match=f"--{name} {value}: it must be at least"):
-        data.prepare(write_docs(tmp_path / "docs", make_docs(5)), "bytes", tmp_path / "out", **setting)
+        prepare.prepare(write_docs(tmp_path / "docs", make_docs(5)), "bytes", tmp_path / "out", **setting)
     assert not (tmp_path / "out").exists()
 
 
 def test_rerunning_with_other_settings_is_refused(tmp_path):
     source = write_docs(tmp_path / "docs", make_docs(5))
-    data.prepare(source, "bytes", tmp_path / "out", val_tokens=0, num_proc=1)
-    with pytest.raises(UserError, match="other settings.*val_target.*made by python data.py .*--val_tokens 0"):
-        data.prepare(source, "bytes", tmp_path / "out", val_tokens=10, num_proc=1)
+    prepare.prepare(source, "bytes", tmp_path / "out", val_tokens=0, num_proc=1)
+    with pytest.raises(UserError, match="other settings.*val_target.*made by python prepare.py .*--val_tokens 0"):
+        prepare.prepare(source, "bytes", tmp_path / "out", val_tokens=10, num_proc=1)
 
 
 def test_suggested_commands_survive_the_shell(tmp_path, monkeypatch):
@@ -704,23 +922,23 @@ def test_suggested_commands_survive_the_shell(tmp_path, monkeypatch):
     assert shlex.split(str(missing.value).split(" with ")[-1])[-2:] == ["--out_dir", str(out)]
 
     kw = dict(val_tokens=500, shard_tokens=1000, num_proc=1)
-    monkeypatch.setattr(data, "BATCH_CHARS", 300)
+    monkeypatch.setattr(prepare, "BATCH_CHARS", 300)
     prepare_until_a_power_cut(monkeypatch, 40, books, "bytes", out, **kw)
     with pytest.raises(UserError, match="only partly prepared") as partial:
         data.load_meta(out)
     command = str(partial.value).split("finish it with ")[1]
-    assert command.startswith("python data.py ")
-    # pasted into a shell, the glob must reach data.py unexpanded and each folder name in one piece
+    assert command.startswith("python prepare.py ")
+    # pasted into a shell, the glob must reach prepare.py unexpanded and each folder name in one piece
     subprocess.run(shlex.quote(sys.executable) + command[len("python"):], shell=True, cwd=ROOT, check=True,
                    capture_output=True)
-    data.prepare(books, "bytes", tmp_path / "reference", **kw)
+    prepare.prepare(books, "bytes", tmp_path / "reference", **kw)
     for split in data.SPLITS:
         assert np.array_equal(split_stream(out, split), split_stream(tmp_path / "reference", split))
 
 
 def test_the_command_line_reports_each_user_mistake_in_one_line(tmp_path):
     tiny = write_docs(tmp_path / "tiny", ["a short book"])
-    data.prepare(tiny, "bytes", tmp_path / "made", val_tokens=0, num_proc=1)
+    prepare.prepare(tiny, "bytes", tmp_path / "made", val_tokens=0, num_proc=1)
     (tmp_path / "a_file").write_text("")
     (tmp_path / "empty_cache").mkdir()
     no_network = {**os.environ, "TIKTOKEN_CACHE_DIR": str(tmp_path / "empty_cache"), "NO_PROXY": "", "no_proxy": "",
@@ -739,15 +957,18 @@ def test_the_command_line_reports_each_user_mistake_in_one_line(tmp_path):
     if os.geteuid() != 0:  # root writes into read-only folders
         (tmp_path / "locked").mkdir(mode=0o500)
         cases["locked is read-only"] = fine + ["--out_dir", tmp_path / "locked"]
-    runs = {expected: subprocess.Popen([sys.executable, "data.py", *map(str, args)], cwd=ROOT, text=True,
+    # python data.py, preparation's old command line, is an alias of prepare.py: it takes one of the cases
+    script = lambda args: "data.py" if args is none_left else "prepare.py"
+    runs = {expected: subprocess.Popen([sys.executable, script(args), *map(str, args)], cwd=ROOT, text=True,
                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=no_network)
-            for expected, args in cases.items()}  # at once: each spends most of its time importing torch
+            for expected, args in cases.items()}  # at once: each spends most of its time importing its modules
     for expected, run in runs.items():
         stdout, stderr = run.communicate(timeout=120)
         assert run.returncode == 1 and "Traceback" not in stdout + stderr, stderr
         assert len(stderr.splitlines()) == 1 and stderr.startswith("error: ") and expected in stderr, stderr
+        assert ("`python data.py` is now `python prepare.py`" in stdout) == (run.args[1] == "data.py")
     assert not (tmp_path / "none_left").exists()
-    bad_count = subprocess.run([sys.executable, "data.py", *map(str, fine), "--max_tokens", "inf"], cwd=ROOT,
+    bad_count = subprocess.run([sys.executable, "prepare.py", *map(str, fine), "--max_tokens", "inf"], cwd=ROOT,
                                capture_output=True, text=True)
     assert bad_count.returncode == 2 and "invalid count value: 'inf'" in bad_count.stderr  # argparse's usage error
 
@@ -758,6 +979,6 @@ def test_llama3_documents_start_after_end_of_text_then_bos(tmp_path):
     tok_name = write_ranks(tmp_path / "tokenizer.model", [bytes([b]) for b in range(256)] + [b"he", b"ll"])
     tok = data.get_tokenizer(tok_name)
     docs = ["hello", "all well"]
-    data.prepare(write_docs(tmp_path / "docs", docs), tok_name, tmp_path / "out", val_tokens=0, num_proc=1)
+    prepare.prepare(write_docs(tmp_path / "docs", docs), tok_name, tmp_path / "out", val_tokens=0, num_proc=1)
     expected = [t for d in docs for t in [tok.eot, tok.bos] + tok.encode(d)]
     assert list(split_stream(tmp_path / "out", "train")) == expected

@@ -432,11 +432,12 @@ def test_an_unreachable_hub_says_to_pass_data_dir(monkeypatch):
 
 def prepare_val_split(tmp_path):
     import data
+    import prepare
     docs = tmp_path / "docs"
     docs.mkdir()
     for i in range(40):
         (docs / f"{i}.txt").write_text(f"Document {i}: the quick brown fox — ça va? " * 5)
-    data.prepare(str(docs / "*.txt"), "bytes", tmp_path / "data", val_tokens=1000, num_proc=1)
+    prepare.prepare(str(docs / "*.txt"), "bytes", tmp_path / "data", val_tokens=1000, num_proc=1)
     return data.TokenLoader(tmp_path / "data", "val", 1, window=1).tokens
 
 
@@ -526,11 +527,11 @@ def test_cli_refuses_bad_numbers(argv, message, capsys):
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     """A run's folder as python train.py leaves it after two steps: ckpt_0000001.pt, ckpt_0000002.pt, ckpt.pt."""
-    import data
+    import prepare
     root = tmp_path_factory.mktemp("trained")
     for i in range(8):
         (root / f"doc{i}.txt").write_text(f"document {i}: " + " ".join(f"w{(i * 7 + k * k) % 53}" for k in range(300)))
-    data.prepare(str(root / "*.txt"), "bytes", root / "data", val_tokens=2000, num_proc=1)
+    prepare.prepare(str(root / "*.txt"), "bytes", root / "data", val_tokens=2000, num_proc=1)
     # its own process: train.main sets this process's signal handlers
     subprocess.run([sys.executable, "train.py", f"--data_dir={root / 'data'}", f"--out_dir={root / 'run'}", "--dim=32",
                     "--n_layers=1", "--n_heads=2", "--n_kv_heads=2", "--ffn_dim=64", "--max_seq_len=16", "--seq_len=16",

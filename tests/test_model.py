@@ -97,7 +97,7 @@ def test_one_module_serves_both_phases():
     keys = list(m.state_dict())
     rows = torch.randint(0, 61, (2, 4 * 8 + 1))
     for stage, row in ((tst.Stage(0, 1, 4), rows), (tst.Stage(1, 2, 1), rows[:, : 8 + 1])):
-        x, _, _ = stage.batch(row)
+        x, _, _ = stage.batch(row[:, :-1], row[:, 1:])
         assert m(x).shape == (2, 8, 61)
         assert list(m.state_dict()) == keys
 
@@ -129,8 +129,8 @@ def test_flops_per_step_are_equal_in_both_phases_and_match_the_formula():
     m = tiny()
     B, T, s = 2, 16, 4
     rows = torch.randint(0, 61, (B, s * T + 1))
-    phase1 = count_train_flops(m, *tst.Stage(0, 1, s, weights=(0.25,) * 4).batch(rows))
-    phase2 = count_train_flops(m, *tst.Stage(1, 2, 1).batch(rows[:, : T + 1]))
+    phase1 = count_train_flops(m, *tst.Stage(0, 1, s, weights=(0.25,) * 4).batch(rows[:, :-1], rows[:, 1:]))
+    phase2 = count_train_flops(m, *tst.Stage(1, 2, 1).batch(rows[:, :T], rows[:, 1:T + 1]))
     assert phase1 == phase2
     predicted = m.cfg.flops_per_position(T) * B * T
     # the formula also counts the RMSNorm weights as parameters: a rounding error at real sizes
@@ -203,7 +203,7 @@ def test_the_model_loss_equals_the_plain_path_in_every_stage(s, loss, monkeypatc
     rows = torch.randint(0, 61, (3, s * 8 + 1))
     kind = "power" if loss == "mce" else "uniform"
     stage = tst.Stage(0, 1, s, weights=tuple(tst.bag_weights(s, kind).tolist()), loss=loss)
-    x, targets, loss_fn = stage.batch(rows)
+    x, targets, loss_fn = stage.batch(rows[:, :-1], rows[:, 1:])
     ours, aux = m(x, targets, loss_fn)
     grads = torch.autograd.grad(ours, list(m.parameters()))
     logits = m(x).float().flatten(0, 1)
@@ -260,7 +260,7 @@ def test_compiled_blocks_match_eager_and_the_loss_stays_eager(monkeypatch):
     monkeypatch.setattr(model, "HEAD_CHUNK_LOGITS", 7 * 61)
     m = tiny()
     rows = torch.randint(0, 61, (2, 4 * 8 + 1))
-    x, targets, loss_fn = tst.Stage(0, 1, 4, weights=(0.25,) * 4).batch(rows)
+    x, targets, loss_fn = tst.Stage(0, 1, 4, weights=(0.25,) * 4).batch(rows[:, :-1], rows[:, 1:])
     eager_loss, _ = m(x, targets, loss_fn)
     eager_grads = torch.autograd.grad(eager_loss, list(m.parameters()))
     for block in m.layers:  # what train.py does with compile=True

@@ -13,7 +13,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import tst
-from model import GROUPED_MM, NAMED_SHAPES, ModelConfig, MoE, Transformer
+from model import NAMED_SHAPES, ModelConfig, Transformer
+from moe import GROUPED_MM, MoE
 
 CONFIG = Path(__file__).resolve().parents[1] / "config"
 
@@ -262,7 +263,7 @@ def test_tiny_moe_tst_run_goes_through_both_phases(balance):
     m = tiny_moe(balance=balance, bias_update_rate=0.01)
     opt = torch.optim.AdamW(m.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
     max_steps, s, r, B, T = 10, 4, 0.4, 4, 16
-    schedule = tst.Schedule({**tst.DEFAULTS, "s": s, "r": r, "bag_weights": "power"}, max_steps)
+    schedule = tst.Schedule({**tst.DEFAULTS, "s": s, "r": r, "bag_weights": "power", "max_steps": max_steps})
     stream = torch.arange(10_000) % 61  # a repeating text, so that the loss has something to learn
     pos, phases, losses = 0, [], []
     for step in range(max_steps):
@@ -270,7 +271,7 @@ def test_tiny_moe_tst_run_goes_through_both_phases(balance):
         n = stage.data_tokens_per_row(T)
         rows = torch.stack([stream[pos + b * n: pos + b * n + n + 1] for b in range(B)])
         pos += B * n
-        loss, aux = m(*stage.batch(rows))
+        loss, aux = m(*stage.batch(rows[:, :-1], rows[:, 1:]))
         loss = loss + aux
         opt.zero_grad()
         loss.backward()
@@ -420,6 +421,6 @@ def test_tiny_moe_config_builds_a_cpu_moe():
     assert cfg.n_experts > 0 and conf["s"] > 1 and not conf["fsdp"]
     m = Transformer(cfg)
     rows = torch.randint(0, 256, (2, conf["s"] * conf["seq_len"] + 1))
-    x, targets, loss_fn = tst.Stage(0, 1, conf["s"], weights=(0.25,) * 4).batch(rows)
+    x, targets, loss_fn = tst.Stage(0, 1, conf["s"], weights=(0.25,) * 4).batch(rows[:, :-1], rows[:, 1:])
     loss, aux = m(x, targets, loss_fn)
     assert m(x).shape == (2, conf["seq_len"], cfg.vocab_size) and aux.item() > 0 and loss.item() > 0

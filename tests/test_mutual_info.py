@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import data
+import prepare
 import tools.mutual_info as mutual_info
 import tst
 from cli import UserError
@@ -46,7 +47,7 @@ def markov_mi(D):
 
 
 def stream_dir(folder, tokens, vocab_size, n_shards=2):
-    """A data folder as data.prepare writes it, holding `tokens` as the train split in n_shards shards."""
+    """A data folder as prepare.prepare writes it, holding `tokens` as the train split in n_shards shards."""
     folder.mkdir()
     shards = []
     for i, part in enumerate(np.array_split(tokens, n_shards)):
@@ -106,12 +107,12 @@ def test_power_weights_are_what_training_uses():
         np.testing.assert_allclose(mutual_info.power_weights(s, k), tst.bag_weights(s, f"power:{k}"), rtol=1e-6)
 
 
-def test_the_command_on_text_prepared_by_data_py(tmp_path, capsys):
+def test_the_command_on_text_prepared_by_prepare_py(tmp_path, capsys):
     docs = tmp_path / "docs"
     docs.mkdir()
     (docs / "0_val.txt").write_text("held out")
     (docs / "1_train.txt").write_text("".join("abcdef"[s] for s in markov_stream(200_000, seed=3)))
-    data.prepare(str(docs / "*.txt"), "bytes", tmp_path / "out", val_tokens=1, num_proc=1)
+    prepare.prepare(str(docs / "*.txt"), "bytes", tmp_path / "out", val_tokens=1, num_proc=1)
     result = mutual_info.main(["--data_dir", str(tmp_path / "out"), "--max_distance", "6", "--s", "4",
                                "--sample_tokens", "2e5", "--window", "500", "--seed", "5"])
     saved = json.loads((tmp_path / "out" / "mi.json").read_text())

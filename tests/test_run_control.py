@@ -1,6 +1,7 @@
-"""Steering a run: --help, --plan, stopping on a signal, branching from a checkpoint, one run per out_dir, a full disk,
+"""Steering a run: --help, tools/plan.py, stopping on a signal, branching from a checkpoint, one run per out_dir, a full disk,
 samples, experiment trackers, the console line."""
 
+import importlib.util
 import os
 import re
 import signal
@@ -13,8 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import checkpoint
+import resume
 import data
+import config as train_config
 import model
 import train
 from cli import UserError
@@ -31,7 +33,7 @@ def same_steps(log, reference):
 
 
 # -----------------------------------------------------------------------------
-# --help and --plan
+# --help and tools/plan.py
 
 @pytest.mark.parametrize("flag", ["--help", "-h"])
 def test_help_lists_every_setting_with_its_default_and_meaning_and_exits_0(flag):
@@ -39,26 +41,29 @@ def test_help_lists_every_setting_with_its_default_and_meaning_and_exits_0(flag)
                             cwd=ROOT)
     assert result.returncode == 0 and not result.stderr, result.stderr
     out = result.stdout
-    for title in ("\ntrain.py\n", "\ntst.py\n", "\nmodel.py: ModelConfig"):
+    for title in ("\n# run\n", "\n# Token Superposition Training (tst.py)\n", "\n# model: ModelConfig's fields"):
         assert title in out
     lines = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ") and not
              line.startswith("  #")}
-    assert set(train.DEFAULTS) <= set(lines)
-    for key, default in train.DEFAULTS.items():
+    assert set(train_config.DEFAULTS) <= set(lines)
+    for key, default in train_config.DEFAULTS.items():
         assert repr(default) in lines[key], key
     assert "peak learning rate" in lines["lr"] and "bag size" in lines["s"] and "top_k" in lines
     assert all(len(line.split(maxsplit=2)) == 3 for key, line in lines.items()), "a setting without a meaning"
 
 
 def plan(argv, capsys):
-    assert train.main(argv) is None
+    spec = importlib.util.spec_from_file_location("plan", ROOT / "tools" / "plan.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    assert tool.main(argv) is None
     return capsys.readouterr().out
 
 
 def test_plan_of_the_papers_270m_pair_says_what_the_data_folder_must_hold(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # no data/dclm_llama3 here
-    base = plan([str(ROOT / "config" / "270m_baseline.py"), "--plan=8"], capsys)
-    tst_run = plan([str(ROOT / "config" / "270m_tst.py"), "--plan=8"], capsys)
+    base = plan([str(ROOT / "config" / "270m_baseline.py"), "--processes=8"], capsys)
+    tst_run = plan([str(ROOT / "config" / "270m_tst.py"), "--processes=8"], capsys)
     assert "267,225,408 parameters" in base and "1.585 GFLOP per position" in base
     assert "1,024 rows x 2048 positions = 2,097,152 positions per step (8 process(es) x 16 rows x 8 micro-step" in base
     assert "41,943,040,000 data tokens" in base and "must hold 41,943,040,000 train tokens (41.9B)" in base
@@ -71,15 +76,21 @@ def test_plan_of_the_papers_270m_pair_says_what_the_data_folder_must_hold(capsys
 def test_plan_of_every_config_runs_offline_on_the_meta_device(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for path in sorted((ROOT / "config").glob("*.py")):
-        out = plan([str(path), "--plan"], capsys)
+        out = plan([str(path)], capsys)
         assert "parameters" in out and "memory per device" in out and "total:" in out, path.name
-    moe = plan([str(ROOT / "config" / "10b_a1b_tst.py"), "--plan=64"], capsys)
+    moe = plan([str(ROOT / "config" / "10b_a1b_tst.py"), "--processes=64"], capsys)
     assert "10,058,576,896 parameters" in moe and "998,880,256 active per position" in moe
     assert "FSDP2 over 64 processes" in moe
 
 
+@pytest.mark.parametrize("flag", ["--processes=abc", "--processes=0", "--processes=-2", "--processes"])
+def test_a_plan_for_a_nonsense_process_count_is_one_line(flag, capsys):
+    with pytest.raises(UserError, match=f"^{flag}: write --processes=N, N >= 1"):
+        plan([str(ROOT / "config" / "tiny_tst.py"), flag], capsys)
+
+
 def test_plan_reads_the_epochs_of_a_prepared_folder(data_dir, capsys):
-    out = plan(settings(data_dir, "unused") + ["--plan"], capsys)
+    out = plan(settings(data_dir, "unused"), capsys)
     meta = data.load_meta(data_dir)
     tokens = 3 * 4 * 16 * 4 + 7 * 4 * 16  # 3 steps of s=4 bags, 7 next-token steps
     assert f"holds {meta['train_tokens']:,} train tokens: the run reads {tokens / meta['train_tokens']:.2f} epochs" in out
@@ -178,9 +189,14 @@ def test_a_branch_with_unchanged_settings_repeats_the_original_runs_later_steps(
 def test_a_branch_prints_what_changed_and_refuses_what_changes_the_checkpoints_meaning(data_dir, tmp_path, capsys):
     original = tmp_path / "original"
     train.main(settings(data_dir, original, max_steps=4))
-    train.main(settings(data_dir, tmp_path / "lower_lr", max_steps=4, lr=5e-3, init_from=original))  # a run dir
+    train.main(settings(data_dir, tmp_path / "lower_lr", max_steps=8, lr=5e-3, init_from=original))  # a run dir
     out = capsys.readouterr().out
     assert "init_from" in out and "step 4" in out and "lr 0.01 -> 0.005" in out
+    assert [r["step"] for r in read_log(tmp_path / "lower_lr")] == [4, 5, 6, 7]
+    # a branch whose max_steps leaves nothing to train was a silent exit 0
+    with pytest.raises(UserError, match=r"is at step 4, and max_steps=4 leaves nothing to train: --init_from=.*"
+                                        r"--max_steps=N \(N > 4\)"):
+        train.main(settings(data_dir, tmp_path / "nothing", max_steps=4, init_from=original))
     with pytest.raises(UserError, match=r"dim: checkpoint 32, this run 64.*keeps the model's shape and the tokenizer"):
         train.main(settings(data_dir, tmp_path / "wider", max_steps=4, dim=64, init_from=original / "ckpt.pt"))
     with pytest.raises(UserError, match="loader read other windows .*seed.*init_weights_only=True"):
@@ -218,7 +234,7 @@ def test_extending_a_finished_run_says_what_happens_to_the_learning_rate(data_di
 def test_a_second_run_in_a_live_runs_out_dir_is_refused_and_a_dead_runs_lock_is_not(data_dir, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    held = checkpoint.lock(run)  # as a live run holds it
+    held = resume.lock(run)  # as a live run holds it
     try:
         with pytest.raises(UserError, match=rf"out_dir={re.escape(str(run))} is in use by a live run \(pid "
                                             rf"{os.getpid()} on "):

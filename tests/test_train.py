@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import config as train_config
 import model
 import train
 from cli import UserError
@@ -191,7 +192,7 @@ def test_a_nan_loss_before_any_checkpoint_does_not_mention_one(data_dir, tmp_pat
 ])
 def test_bad_settings_are_rejected_before_any_work(override, message):
     with pytest.raises(UserError, match=re.escape(message)):
-        train.parse_config([str(ROOT / "config" / "tiny_tst.py"), override])
+        train_config.load([str(ROOT / "config" / "tiny_tst.py"), override])
 
 
 @pytest.mark.parametrize("where", ["a file", "under a file", "read-only"])
@@ -214,26 +215,26 @@ def test_an_out_dir_that_cannot_be_written_is_refused_before_the_data_and_model(
 
 
 def test_config_files_and_overrides(tmp_path):
-    c = train.parse_config([str(ROOT / "config" / "270m_tst.py"), "--max_steps=10000", "--lr=1e-3"])
+    c = train_config.load([str(ROOT / "config" / "270m_tst.py"), "--max_steps=10000", "--lr=1e-3"])
     assert (c["dim"], c["n_layers"], c["n_heads"], c["n_kv_heads"], c["ffn_dim"]) == (576, 30, 9, 9, 1536)
     assert (c["s"], c["r"], c["max_steps"], c["lr"]) == (6, 0.3, 10000, 1e-3)
     assert c["global_batch_tokens"] == 2 * 2**20 and c["warmup_steps"] == 2000
     bad = tmp_path / "bad.py"
     bad.write_text("learning_rate = 1e-3\n")
     with pytest.raises(UserError, match="bad.py: unknown setting 'learning_rate'"):
-        train.parse_config([str(bad)])
+        train_config.load([str(bad)])
 
 
 @pytest.mark.parametrize("name", ["270m", "600m", "3b"])
 def test_paper_configs_build_the_named_shapes(name):
     from model import NAMED_SHAPES, ModelConfig
-    c = train.parse_config([str(ROOT / "config" / f"{name}_tst.py")])
-    assert ModelConfig(**{k: c[k] for k in train.MODEL_KEYS}) == NAMED_SHAPES[name]
+    c = train_config.load([str(ROOT / "config" / f"{name}_tst.py")])
+    assert ModelConfig(**{k: c[k] for k in train_config.MODEL_KEYS}) == NAMED_SHAPES[name]
 
 
 def test_every_config_parses():
     for path in sorted((ROOT / "config").glob("*.py")):
-        train.parse_config([str(path)])
+        train_config.load([str(path)])
 
 
 def test_a_row_longer_than_the_data_fails_early(data_dir, tmp_path):
@@ -242,7 +243,7 @@ def test_a_row_longer_than_the_data_fails_early(data_dir, tmp_path):
 
 
 def test_missing_data_names_the_command_to_prepare_it(tmp_path):
-    with pytest.raises(UserError, match="python data.py --source dclm"):
+    with pytest.raises(UserError, match="python prepare.py --source dclm"):
         train.main(settings(tmp_path / "nothing", tmp_path / "run", data_source="dclm"))
 
 
@@ -512,7 +513,7 @@ def test_more_processes_than_gpus_is_one_clear_error(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    config = train.parse_config([str(ROOT / "config" / "tiny_baseline.py"), "--device=cuda"])
+    config = train_config.load([str(ROOT / "config" / "tiny_baseline.py"), "--device=cuda"])
     with pytest.raises(UserError, match="2 processes on this node but 1 visible GPU.*--nproc_per_node=1"):
         train.setup_processes(config)
 
@@ -520,7 +521,7 @@ def test_more_processes_than_gpus_is_one_clear_error(monkeypatch):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_device_cuda_without_cuda_is_one_clear_error():
     with pytest.raises(UserError, match="device=cuda, but this torch"):
-        train.setup_processes(train.parse_config([str(ROOT / "config" / "tiny_baseline.py"), "--device=cuda"]))
+        train.setup_processes(train_config.load([str(ROOT / "config" / "tiny_baseline.py"), "--device=cuda"]))
 
 
 def test_user_mistakes_print_one_line_and_the_codes_errors_keep_their_traceback(tmp_path):
@@ -552,13 +553,13 @@ def test_every_config_resolves_to_the_data_and_tokenizer_it_promises():
     shipped = {p.name for p in (ROOT / "config").glob("*.py")}
     assert set(CONFIG_DATA) <= shipped
     for name in sorted(shipped):
-        config = train.parse_config([str(ROOT / "config" / name)])
+        config = train_config.load([str(ROOT / "config" / name)])
         if name in CONFIG_DATA:
             assert (config["data_dir"], config["data_source"], config["tokenizer"]) == CONFIG_DATA[name], name
         elif config["data_source"] == "stdlib":
             assert config["tokenizer"] == "bytes", name
         else:  # a config for another corpus names its own data folder, not the offline default's
-            assert config["data_dir"] != train.DEFAULTS["data_dir"], name
+            assert config["data_dir"] != train_config.DEFAULTS["data_dir"], name
         llama = config["tokenizer"].startswith("llama3:")
         assert (config["vocab_size"] == model.LLAMA3_VOCAB) == llama, name
 
@@ -566,19 +567,24 @@ def test_every_config_resolves_to_the_data_and_tokenizer_it_promises():
 # Forks: what a researcher edits is what trains, and removing TST leaves the baseline
 
 def copy_project(tmp_path, edit=lambda name, text: text):
+    """The repository's Python files (top level, tools/, bench/, config/) in tmp_path/fork, each edited by
+    edit(path relative to the root, text), which may return None to leave the file out."""
     fork = tmp_path / "fork"
-    fork.mkdir()
-    for path in ROOT.glob("*.py"):
-        text = edit(path.name, path.read_text())
-        if text is not None:
-            (fork / path.name).write_text(text)
+    for pattern in ("*.py", "tools/*.py", "bench/*.py", "config/*.py"):
+        for file in ROOT.glob(pattern):
+            name = str(file.relative_to(ROOT))
+            text = edit(name, file.read_text())
+            if text is not None:
+                (fork / name).parent.mkdir(parents=True, exist_ok=True)
+                (fork / name).write_text(text)
     return fork
 
 
-def run_copy(fork, args):
-    result = subprocess.run([sys.executable, str(fork / "train.py"), *args], capture_output=True, text=True,
+def run_copy(fork, args, script="train.py"):
+    result = subprocess.run([sys.executable, str(fork / script), *map(str, args)], capture_output=True, text=True,
                             cwd=fork, env={**os.environ, "PYTHONPATH": str(fork), "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
 
 
 def test_a_fork_that_doubles_mce_loss_trains_on_twice_the_loss(data_dir, tmp_path):
@@ -594,26 +600,24 @@ def test_a_fork_that_doubles_mce_loss_trains_on_twice_the_loss(data_dir, tmp_pat
     assert fork_log[0]["phase"] == 1 and fork_log[0]["loss"] == 2 * stock_log[0]["loss"]  # exactly
 
 
-# Removing TST from a fork: delete tst.py and the lines marked "# TST". What is left must train exactly the baseline.
-def test_deleting_the_marked_lines_leaves_exactly_the_baseline_trainer(data_dir, tmp_path):
-    marked = {}
-
+# Removing TST from a fork: delete the files that are the method (tst.py, and bench/mce.py, its loss's benchmark) and
+# every line marked "# TST", anywhere. What is left trains exactly the baseline, and its tools work on what it trains.
+def test_deleting_the_marked_lines_leaves_exactly_the_baseline_trainer_and_working_tools(data_dir, tmp_path):
     def delete_tst(name, text):
-        if name == "tst.py":
+        if name in ("tst.py", "bench/mce.py"):
             return None
-        lines = text.splitlines(keepends=True)
-        kept = [line for line in lines if "# TST" not in line]
-        marked[name] = len(lines) - len(kept)
-        return "".join(kept)
+        return "".join(line for line in text.splitlines(keepends=True) if "# TST" not in line)
     fork = copy_project(tmp_path, delete_tst)
-    assert {k: v for k, v in marked.items() if v} == {"train.py": marked["train.py"], "model.py": 4}
-    assert marked["train.py"] <= 19
-    for path in fork.glob("*.py"):
-        assert "import tst" not in path.read_text(), path.name
-    args = settings(data_dir, tmp_path / "fork_run", s=1, r=0.0, max_steps=4)
-    args = [a for a in args if not a.startswith(("--s=", "--r="))]  # the fork has no such settings
-    run_copy(fork, args)
+    for path in fork.rglob("*.py"):
+        assert "import tst" not in path.read_text(), path  # nothing uses the method any more
+    args = [a for a in settings(data_dir, tmp_path / "fork_run", max_steps=4) if not a.startswith(("--s=", "--r="))]
+    run_copy(fork, args)  # the fork has no such settings
     train.main(settings(data_dir, tmp_path / "baseline", s=1, r=0.0, max_steps=4))
     keys = ("step", "loss", "grad_norm", "positions", "data_tokens", "val_loss")
     assert [{k: r.get(k) for k in keys} for r in read_log(tmp_path / "fork_run")] == \
         [{k: r.get(k) for k in keys} for r in read_log(tmp_path / "baseline")]
+    # the fork's evaluation, comparison and plan work on what it trained
+    assert "heldout_val" in run_copy(fork, ["--ckpt", tmp_path / "fork_run" / "ckpt.pt", "--device", "cpu"], "eval.py")
+    assert "fork_run" in run_copy(fork, [tmp_path / "fork_run", "--baseline", tmp_path / "baseline", "--out", tmp_path / "plots"],
+                                  "tools/compare.py")
+    assert "total: 4 steps" in run_copy(fork, args, "tools/plan.py")

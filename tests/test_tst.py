@@ -129,7 +129,7 @@ def test_mce_equals_the_papers_loop_of_cross_entropies(s, kind):
     torch.manual_seed(s)
     T, V = 6, 37
     rows = torch.randint(0, V, (3, s * T + 1))
-    _, targets, _ = stage(s).batch(rows)
+    _, targets, _ = stage(s).batch(rows[:, :-1], rows[:, 1:])
     targets = targets.view(3, T, -1)  # next-token targets (s = 1) have no bag axis
     logits = torch.randn(3, T, V, requires_grad=True)
     weights = tst.bag_weights(s, kind)
@@ -176,33 +176,34 @@ def stage(s, mode="full", kind="uniform", loss="mce"):
 def test_mode_targets():
     s, T = 3, 4
     rows = torch.arange(s * T + 1).view(1, -1)  # data tokens 0..12
-    x, y, loss_fn = stage(s).batch(rows)
+    x, y, loss_fn = stage(s).batch(rows[:, :-1], rows[:, 1:])
     assert x.tolist() == [[[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11]]]
     assert y[0, :, 0].tolist() == [3, 6, 9, 12] and y[0, 0].tolist() == [3, 4, 5]
     assert loss_fn.func is tst.mce_loss
     torch.testing.assert_close(loss_fn.keywords["weights"], torch.full((3,), 1 / 3))
     assert loss_fn.keywords["column_counts"].tolist() == [4, 3, 3]  # the last bag has one target
-    x, y, loss_fn = stage(s, "input").batch(rows)
+    x, y, loss_fn = stage(s, "input").batch(rows[:, :-1], rows[:, 1:])
     assert x.shape == (1, T, s) and y.tolist() == [[[3], [6], [9], [12]]]  # the first token of the next bag
     assert loss_fn.keywords["weights"].tolist() == [1.0]
     rows = torch.arange(T + 1).view(1, -1)  # output-only reads no extra data: T + 1 tokens
-    x, y, _ = stage(s, "output").batch(rows)
+    x, y, _ = stage(s, "output").batch(rows[:, :-1], rows[:, 1:])
     assert x.tolist() == [[0, 1, 2, 3]]
     I = IGNORE_INDEX
     assert y.tolist() == [[[1, 2, 3], [2, 3, 4], [3, 4, I], [4, I, I]]]
-    x, y, loss_fn = stage(1).batch(rows)
+    x, y, loss_fn = stage(1).batch(rows[:, :-1], rows[:, 1:])
     assert x.tolist() == [[0, 1, 2, 3]] and y.tolist() == [[1, 2, 3, 4]] and loss_fn is None
-    _, _, loss_fn = stage(s, loss="sum_to_one").batch(torch.arange(s * T + 1).view(1, -1))
+    tokens = torch.arange(s * T + 1).view(1, -1)
+    _, _, loss_fn = stage(s, loss="sum_to_one").batch(tokens[:, :-1], tokens[:, 1:])
     assert loss_fn.func is tst.sum_to_one_loss and loss_fn.keywords["scored_positions"].item() == 4
 
 
 def test_the_stage_calls_mce_loss_by_name_so_that_a_fork_that_edits_it_trains_the_edit(monkeypatch):
     rows = torch.randint(0, 20, (2, 3 * 4 + 1))
-    _, targets, stock = stage(3).batch(rows)
+    _, targets, stock = stage(3).batch(rows[:, :-1], rows[:, 1:])
     logits = torch.randn(2 * 4, 20)
     real = tst.mce_loss
     monkeypatch.setattr(tst, "mce_loss", lambda *a, **k: 2 * real(*a, **k))
-    _, _, edited = stage(3).batch(rows)
+    _, _, edited = stage(3).batch(rows[:, :-1], rows[:, 1:])
     assert edited(logits, targets.flatten(0, 1)) == 2 * stock(logits, targets.flatten(0, 1))
 
 
@@ -218,13 +219,13 @@ def settings(**kw):
 
 
 def test_the_papers_single_switch():
-    schedule = tst.Schedule(settings(s=6, r=0.3), 20_000)
-    assert schedule.switch_step == 6_000 and schedule.boundaries == [6_000]  # the paper's 270M run: 6k of 20k
+    schedule = tst.Schedule(settings(s=6, r=0.3, max_steps=20_000))
+    assert schedule.boundaries == [6_000]  # the paper's 270M run: 6k of 20k
     assert [schedule.stage(k).s for k in (0, 5_999, 6_000, 19_999)] == [6, 6, 1, 1]
-    assert tst.Schedule(settings(s=4, r=0.25), 10).switch_step == 2  # floor
+    assert tst.Schedule(settings(s=4, r=0.25, max_steps=10)).boundaries == [2]  # floor
     for baseline in (settings(), settings(s=1, r=0.3), settings(s=4, r=0.0)):
-        schedule = tst.Schedule(baseline, 100)
-        assert schedule.switch_step == 0 and schedule.boundaries == [] and schedule.stage(0).s == 1
+        schedule = tst.Schedule({**baseline, "max_steps": 100})
+        assert schedule.boundaries == [] and schedule.stage(0).s == 1
 
 
 def test_switch_step_is_exact_where_floating_point_is_not():
@@ -237,12 +238,12 @@ def test_switch_step_is_exact_where_floating_point_is_not():
 
 
 def test_a_schedule_of_several_stages():
-    schedule = tst.Schedule(settings(s_schedule=[(0.15, 8), (0.3, 4)], bag_weights="power"), 100)
+    schedule = tst.Schedule(settings(s_schedule=[(0.15, 8), (0.3, 4)], bag_weights="power", max_steps=100))
     assert [(st.start, st.end, st.s) for st in schedule.stages] == [(0, 15, 8), (15, 30, 4), (30, 100, 1)]
-    assert schedule.boundaries == [15, 30] and schedule.switch_step == 30
+    assert schedule.boundaries == [15, 30]
     assert schedule.stage(14).data_tokens_per_row(16) == 128 and schedule.stage(15).data_tokens_per_row(16) == 64
-    assert schedule.window(16) == 8 * 16  # rows of 128, 64 and 16 tokens all divide it
-    assert tst.Schedule(settings(s_schedule=[(0.1, 3), (0.2, 2)]), 100).window(16) == 6 * 16
+    assert schedule.window_factor == 8  # windows of 8T: rows of 8T, 4T and T tokens all divide them
+    assert tst.Schedule(settings(s_schedule=[(0.1, 3), (0.2, 2)], max_steps=100)).window_factor == 6
     torch.testing.assert_close(torch.tensor(schedule.stage(20).weights), tst.bag_weights(4, "power"))
 
 
@@ -265,12 +266,12 @@ def test_a_schedule_of_several_stages():
 ])
 def test_impossible_schedules_are_refused_by_name(kw, message):
     with pytest.raises(ValueError, match=message if "\\" in message else re.escape(message)):
-        tst.Schedule(settings(**kw), 100)
+        tst.check(settings(**kw, max_steps=100))
 
 
 def test_s_1_is_exactly_next_token_training():
     rows = torch.randint(0, 50, (2, 9))
-    x1, y1, loss_fn = stage(1).batch(rows)
+    x1, y1, loss_fn = stage(1).batch(rows[:, :-1], rows[:, 1:])
     assert torch.equal(x1, rows[:, :-1]) and torch.equal(y1, rows[:, 1:]) and loss_fn is None
     emb = torch.nn.Embedding(50, 8)
     assert torch.equal(combine(emb(x1.unsqueeze(-1))), emb(x1))
@@ -278,10 +279,10 @@ def test_s_1_is_exactly_next_token_training():
 
 
 def test_the_console_names_the_stage_of_a_tst_run_only():
-    assert tst.Schedule(settings(), 10).label(3) == ""  # a baseline has one phase: nothing to say
-    schedule = tst.Schedule(settings(s=4, r=0.5), 10)
+    assert tst.Schedule(settings(max_steps=10)).label(3) == ""  # a baseline has one phase: nothing to say
+    schedule = tst.Schedule(settings(s=4, r=0.5, max_steps=10))
     assert schedule.label(4) == "phase 1: s=4, MCE" and schedule.label(5) == "phase 2"
-    assert tst.Schedule(settings(s=2, r=0.5, bag_loss="sum_to_one"), 10).label(0) == "phase 1: s=2, sum-to-one"
+    assert tst.Schedule(settings(s=2, r=0.5, bag_loss="sum_to_one", max_steps=10)).label(0) == "phase 1: s=2, sum-to-one"
 
 
 # -----------------------------------------------------------------------------

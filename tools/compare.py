@@ -44,7 +44,14 @@ def load_run(folder):
     for name in ("config.json", "log.jsonl"):
         if not (folder / name).is_file():
             raise UserError(f"{folder}: no {name}; a run folder is a train.py out_dir (config.json and log.jsonl)")
-    config = json.loads((folder / "config.json").read_text())
+    try:
+        config = json.loads((folder / "config.json").read_text())
+        problem = "" if isinstance(config, dict) and "max_steps" in config else "it has no max_steps"
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        problem = f"{type(e).__name__}: {e}"
+    if problem:
+        raise UserError(f"{folder / 'config.json'} is damaged ({problem}): train.py writes it at the start of a run; "
+                        f"restore it, or write it from a checkpoint (its train state holds the config)")
     log = read_log(folder / "log.jsonl")
     evals = [(r["step"] + 1, r["data_tokens"], r["val_loss"]) for r in log if "val_loss" in r]
     if not evals:
@@ -52,17 +59,17 @@ def load_run(folder):
                         f"eval_interval={config.get('eval_interval')} steps and at the end)")
     schedule = config.get("s_schedule") or []  # [(end_fraction, s), ...]; older runs have s and r only
     steps = log[-1]["step"] + 1
-    mode = config["tst_mode"] + ("+reinit" if config.get("reinit_at_switch") else "")
+    mode = config.get("tst_mode", "full") + ("+reinit" if config.get("reinit_at_switch") else "")
     if config.get("bag_loss", "mce") != "mce":  # runs older than the setting trained with MCE
         mode += f", {config['bag_loss']}"
     return dict(
         name=folder.name, folder=folder, config=config, steps=steps, max_steps=config["max_steps"], evals=evals,
-        s=",".join(str(s) for _, s in schedule) if schedule else str(config["s"]), mode=mode,
-        r=schedule[-1][0] if schedule else config["r"],
-        is_baseline=all(r["phase"] == 2 for r in log),
+        s=",".join(str(s) for _, s in schedule) if schedule else str(config.get("s", 1)), mode=mode,
+        r=schedule[-1][0] if schedule else config.get("r", 0.0),
+        is_baseline=all(r.get("phase", 2) == 2 for r in log),  # a trainer without TST logs no phase
         # a stage is a run of steps with one phase and one bag size ("s", logged per step by newer runs)
         boundaries=[r["step"] for before, r in zip(log, log[1:])
-                    if (r["phase"], r.get("s")) != (before["phase"], before.get("s"))],
+                    if (r.get("phase"), r.get("s")) != (before.get("phase"), before.get("s"))],
         final_val=evals[-1][2], full_split_val=full_split_loss(folder, steps),
         data_tokens=log[-1]["data_tokens"], positions=log[-1]["positions"], wall=sum(r["dt"] for r in log))
 
@@ -440,7 +447,7 @@ def summary(root, jobs):
 
 
 def sweep(argv):
-    import tst  # the TST modes' one list; tst imports torch, which the table and plots do without
+    import tst  # TST: the modes' one list (imported here: tst imports torch, which the table and plots do without)
     p = argparse.ArgumentParser(
         prog="compare.py sweep", description=(
             "Train the baseline (s=1, r=0) and every (s, r, mode) once per seed, one after another, each as "
@@ -452,7 +459,8 @@ def sweep(argv):
     p.add_argument("--config", required=True, help="a train.py config file, e.g. config/tiny_tst.py")
     p.add_argument("--s", type=int, nargs="+", required=True, help="bag sizes, each >= 2")
     p.add_argument("--r", type=float, nargs="+", required=True, help="phase-1 fractions, each in (0, 1)")
-    p.add_argument("--modes", nargs="+", choices=tst.MODES, default=["full"],
+    p.add_argument("--modes", nargs="+", default=["full"],
+                   choices=tst.MODES,  # TST
                    help="tst_mode of the TST runs (default: full); input and output are the paper's ablations")
     p.add_argument("--reinit", action="store_true", help="also a full run with the input embedding and LM head "
                    "re-initialised at the switch (reinit_at_switch=True, the paper's ablation)")

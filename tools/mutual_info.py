@@ -30,10 +30,11 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: cli, data
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: cli, data, prepare
 import cli  # noqa: E402
 import data  # noqa: E402
 from cli import UserError  # noqa: E402
+from prepare import count  # noqa: E402
 
 PAPER_FIT = {"C0": 3.63, "a": 1.35, "k": -1.25}  # DCLM, Llama 3 tokenizer (METHOD.md)
 SAMPLE_TOKENS = 8_000_000  # the default sample, where the train split holds that many
@@ -138,10 +139,10 @@ def plot(path, result, fit):
 
 def main(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data_dir", required=True, help="a folder prepared by python data.py")
+    parser.add_argument("--data_dir", required=True, help="a folder prepared by python prepare.py")
     parser.add_argument("--max_distance", type=int, default=32, help="D: measure I(d) for d = 1..D")
     parser.add_argument("--s", type=int, default=16, help="the bag size whose weights to print")
-    parser.add_argument("--sample_tokens", type=data.count, default=None,
+    parser.add_argument("--sample_tokens", type=count, default=None,
                         help=f"train tokens to sample (default: the whole train split, up to {SAMPLE_TOKENS:,})")
     parser.add_argument("--window", type=int, default=1024, help="tokens per sampled window")
     parser.add_argument("--seed", type=int, default=0)
