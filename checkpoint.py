@@ -18,6 +18,7 @@ import os
 import shlex
 import shutil
 import struct
+import warnings
 import zipfile
 import zlib
 from pathlib import Path
@@ -92,11 +93,12 @@ def save(out_dir, step, model, optimizer, train_state, *, fsdp=False, keep_last=
     else:
         failed = error is not None
     if failed:
+        cause = _cause(error, out)  # before the partial checkpoint is removed: a full disk is still full
         shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
         previous = (out / "ckpt.pt").resolve() if (out / "ckpt.pt").exists() else None
         kept = (f"the previous checkpoint {previous.name} is intact: free space, then --resume=True continues from it"
                 if previous else "this run has no checkpoint yet: free space and start it again")
-        raise UserError(f"saving checkpoint {path} (step {step}) failed: {_cause(error)}; {kept}") from error
+        raise UserError(f"saving checkpoint {path} (step {step}) failed: {cause}; {kept}") from error
     if _master():
         if path.is_dir():  # a boundary checkpoint saved again by a run resumed from it
             shutil.rmtree(path)
@@ -155,16 +157,43 @@ def _save_sharded(tmp, model, optimizer, train_state):
         _fsync(tmp / CHECKSUMS)
 
 
-def _cause(error):
-    """A full disk in a word, whatever layer reported it; otherwise the error's first line."""
+FULL_BYTES = 1 << 24  # a write that failed with less free space than this ran out of it
+
+
+def _cause(error, folder):
+    """Why a checkpoint could not be written to `folder`, in a few words: a full disk (or quota) as such, from the
+    errno of an OSError anywhere inside `error`, or from the disk itself where torch's C++ writer dropped the OSError
+    (torch 2.13's "unexpected pos 704 vs 598"); otherwise the error's first line (a CheckpointException's: that of
+    its first rank's failure)."""
     if error is None:
         return "another rank's write failed"
-    text = str(error)
-    for e in [error, error.__cause__, error.__context__, *getattr(error, "failures", {}).values()]:
-        e = e[0] if isinstance(e, tuple) else e  # CheckpointException.failures: {rank: (exception, traceback)}
-        if isinstance(e, OSError) and e.errno == errno.ENOSPC or "No space left" in str(e):
-            return "no space left on device"
-    return text.splitlines()[0] if text else type(error).__name__
+    inside = _inside(error)
+    code = next((e.errno for e in inside if isinstance(e, OSError) and e.errno), None)
+    try:
+        disk = os.statvfs(folder)
+        full = disk.f_bavail * disk.f_frsize < FULL_BYTES
+    except OSError:
+        full = False
+    if code in (errno.ENOSPC, errno.EDQUOT) or code is None and full:
+        return os.strerror(code if code == errno.EDQUOT else errno.ENOSPC).lower()
+    # a CheckpointException's own text is "CheckpointException ranks:dict_keys([0, 1])": the first rank's failure
+    first = next((e for e in inside if type(e).__name__ != "CheckpointException"), error)
+    text = str(first).strip()
+    return f"{type(first).__name__}: {text.splitlines()[0]}" if text else type(first).__name__
+
+
+def _inside(error):
+    """`error` and every exception inside it, breadth first: causes, contexts, and each rank's failure of a
+    torch.distributed.checkpoint CheckpointException ({rank: (exception, traceback)}; pickled from other ranks)."""
+    found, queue = [], [error]
+    while queue:
+        e = queue.pop(0)
+        e = e[0] if isinstance(e, tuple) and e else e
+        if isinstance(e, BaseException) and all(e is not f for f in found):
+            found.append(e)
+            failures = getattr(e, "failures", None)
+            queue += [e.__cause__, e.__context__, *(failures.values() if isinstance(failures, dict) else ())]
+    return found
 
 
 # -----------------------------------------------------------------------------
@@ -412,13 +441,13 @@ def load_into(path, state, model, optimizer=None):
                                          if k.startswith("model.") and hasattr(m, "size")})
         if optimizer is None:
             shards = {"model": model.state_dict()}
-            dcp.load(shards, checkpoint_id=path)  # fills the tensors in place
+            _load_shards(shards, path)  # fills the tensors in place
             model.load_state_dict(shards["model"])
             return
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
         model_state, optimizer_state = get_state_dict(model, optimizer)
         shards = {"model": model_state, "optimizer": optimizer_state}
-        dcp.load(shards, checkpoint_id=path)
+        _load_shards(shards, path)
         set_state_dict(model, optimizer, model_state_dict=shards["model"], optim_state_dict=shards["optimizer"])
         return
     _check_fits(path, state, model, {k: tuple(v.shape) for k, v in state["model"].items()})
@@ -429,6 +458,16 @@ def load_into(path, state, model, optimizer=None):
         model.load_state_dict(state["model"])
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
+
+
+def _load_shards(shards, path):
+    """dcp.load, which warns that it assumes one process when torch.distributed is not initialized: here that is
+    meant (eval.py, sample.py and the exporter read a sharded checkpoint whole), so that one warning is silenced."""
+    import torch.distributed.checkpoint as dcp
+    with warnings.catch_warnings():
+        if not dist.is_initialized():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        dcp.load(shards, checkpoint_id=path)
 
 
 def load_model(path, device="cpu"):

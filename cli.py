@@ -30,7 +30,7 @@ def run(main, argv=None):
         main(sys.argv[1:] if argv is None else argv)
     except UserError as e:
         if int(os.environ.get("RANK", 0)) == 0:
-            print("error:", " ".join(str(e).split("\n")), file=sys.stderr)  # one line, even for a library's message
+            print_error(e)
         code = 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -42,6 +42,11 @@ def run(main, argv=None):
         sys.stderr.flush()
         os._exit(code)
     sys.exit(code)
+
+
+def print_error(message):
+    """A UserError's line on stderr, `error: ...`: one line, even for a library's message."""
+    print("error:", " ".join(str(message).split("\n")), file=sys.stderr, flush=True)
 
 
 def command(script, argv, *extra):
@@ -97,12 +102,12 @@ def torch_device(name):
 
 @contextlib.contextmanager
 def stop_signals():
-    """Within: SIGTERM and SIGINT append to the list it yields (a second Ctrl-C stops at once). The handlers that were
-    there before come back after."""
+    """Within: SIGTERM and SIGINT append their numbers to the list it yields (a Ctrl-C after either stops at once; the
+    caller may add reasons of its own, which do not count). The handlers that were there before come back after."""
     received = []
 
     def handler(signum, frame):
-        if signum == signal.SIGINT and received:
+        if signum == signal.SIGINT and any(isinstance(r, int) for r in received):
             raise KeyboardInterrupt
         received.append(signum)
     before = {signum: signal.signal(signum, handler) for signum in (signal.SIGTERM, signal.SIGINT)}

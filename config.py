@@ -164,11 +164,15 @@ def assign(config, key, value, where):
         value = float(value)
     allowed = (str, list) if key == "bag_weights" else (type(default),)
     if not isinstance(value, allowed) or isinstance(value, bool) != isinstance(default, bool):
-        raise UserError(f"{where}: {key}={value!r} is a {type(value).__name__}, "
-                        f"but {key} takes a {' or '.join(t.__name__ for t in allowed)}")
+        raise UserError(f"{where}: {key}={value!r} is {_a(type(value).__name__)}, "
+                        f"but {key} takes {' or '.join(_a(t.__name__) for t in allowed)}")
     if key == "s_schedule":  # tuples or lists, from a file or the command line: the same schedule
         value = [tuple(pair) if isinstance(pair, (list, tuple)) else pair for pair in value]
     config[key] = value
+
+
+def _a(noun):
+    return ("an " if noun[0] in "aeiou" else "a ") + noun
 
 
 def check(config, world_size=1):
@@ -212,6 +216,21 @@ def check(config, world_size=1):
         tst.check(c)  # TST
     except ValueError as e:
         raise UserError(str(e)) from None
+
+
+def notes(config):
+    """Lines for train.py to print at its start: checked settings that quietly make a run other than its config
+    suggests (a TST config that trains a plain baseline)."""
+    c, found = config, []
+    one_stage = not c["s_schedule"]  # TST: a schedule's stages each have a step (tst.check)
+    if one_stage and c["s"] > 1 and c["r"] == 0:  # TST
+        found.append(f"s={c['s']} with r={c['r']}: no step reads bags; this run is a plain baseline")  # TST
+    if one_stage and c["s"] == 1 and c["r"] > 0:  # TST
+        found.append(f"s=1 with r={c['r']}: a bag of one token is that token; this run is a plain baseline")  # TST
+    if one_stage and c["s"] > 1 and c["r"] > 0 and tst.step_at(c["r"], c["max_steps"]) == 0:  # TST
+        found.append(f"s={c['s']} with r={c['r']} of max_steps={c['max_steps']}: floor(r * max_steps) = 0, "  # TST
+                     f"so no step reads bags; this run is a plain baseline")  # TST
+    return found
 
 
 def lr_at(step, config):

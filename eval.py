@@ -65,6 +65,14 @@ def heldout_batches(data_dir, tokenizer, seq_len, positions, batch_size):
 
 
 @torch.no_grad()
+def loss_sums(model, rows):
+    """Rows (B, L + 1) -> (their summed next-token loss over the last L tokens, a float64 tensor; the number of those
+    tokens), through the model's chunked loss: what heldout_loss and train.py's val_loss add up."""
+    loss, _ = model(rows[:, :-1], rows[:, 1:])
+    return loss.double() * rows[:, 1:].numel(), rows[:, 1:].numel()
+
+
+@torch.no_grad()
 def heldout_loss(model, batches, bytes_per_token=None):
     """Next-token loss over batches of rows ((B, L + 1) tokens: the first L are read, the last L scored).
 
@@ -79,12 +87,10 @@ def heldout_loss(model, batches, bytes_per_token=None):
     total, tokens, n_bytes = 0.0, 0, 0
     for rows in batches:
         rows = rows.to(device)
-        x, y = rows[:, :-1], rows[:, 1:]
-        logits = model(x).float()
-        total += F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum").item()
-        tokens += y.numel()
+        summed, n = loss_sums(model, rows)
+        total, tokens = total + summed.item(), tokens + n
         if bytes_per_token is not None:
-            n_bytes += bytes_per_token.to(device)[y].sum().item()
+            n_bytes += bytes_per_token.to(device)[rows[:, 1:]].sum().item()
     model.train(was_training)
     out = {"loss": total / tokens, "ppl": math.exp(total / tokens), "tokens": tokens}
     if bytes_per_token is not None:
@@ -146,7 +152,8 @@ def loglikelihoods(model, pairs, max_len, batch_size=16, device="cpu", desc="sco
         readers.setdefault(tuple((ctx + cont)[-(max_len + 1):][:-1]), []).append(i)  # the harness's left cut
     inputs = sorted(readers, key=len, reverse=True)
     out = [0.0] * len(pairs)
-    for start in tqdm(range(0, len(inputs), batch_size), desc=desc, leave=False):
+    # disable=None: no bar where stderr is no terminal (a log file would get every redraw, each after a "\r")
+    for start in tqdm(range(0, len(inputs), batch_size), desc=desc, leave=False, disable=None):
         batch = inputs[start:start + batch_size]
         x = torch.zeros(len(batch), len(batch[0]), dtype=torch.long)
         for b, seq in enumerate(batch):
@@ -222,8 +229,14 @@ def write_results(path, rows, step, meta):
             old = json.load(f)
     new = {(r["task"], r["metric"]) for r in rows}
     kept = [r for r in old["results"] if (r["task"], r["metric"]) not in new]
-    with open(path, "w") as f:
-        json.dump({**meta, "step": step, "results": kept + [{**r, "step": step} for r in rows]}, f, indent=1)
+    tmp = f"{path}.tmp"  # written whole, then renamed: a full disk or a kill never leaves earlier results cut
+    try:
+        with open(tmp, "w") as f:
+            json.dump({**meta, "step": step, "results": kept + [{**r, "step": step} for r in rows]}, f, indent=1)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def print_table(rows):
@@ -232,8 +245,6 @@ def print_table(rows):
     for r in rows:
         err = "" if r["stderr"] is None else f"{r['stderr']:.4f}"
         print(f"{r['task']:<{width}}{r['metric']:<10}{r['value']:>10.4f}{err:>10}{r['n']:>10}")
-
-
 
 
 # -----------------------------------------------------------------------------

@@ -313,8 +313,8 @@ class Transformer(nn.Module):
         """
         if tokens.size(1) > self.cfg.max_seq_len:
             raise ValueError(f"{tokens.size(1)} positions exceed max_seq_len={self.cfg.max_seq_len}")
-        h = self.embed(tokens)  # (B, T, dim), or (B, T, s, dim) for bags
-        h = self.bag_combiner(h) if tokens.dim() == 3 else h  # TST: one vector per bag of token embeddings
+        h = self.embed(tokens.clamp(min=0))  # (B, T, dim), or (B, T, s, dim) for bags (an id < 0: a bag's padding)
+        h = self.bag_combiner(h, tokens >= 0) if tokens.dim() == 3 else h  # TST: one vector per bag of tokens
         cos, sin = rope_tables(h.size(1), self.cfg.head_dim, self.cfg.rope_theta, h.device)
         aux_losses = []
         for layer in self.layers:

@@ -245,6 +245,7 @@ def _prepare(all_documents, tok, out_dir, settings, max_tokens, num_proc):
         return meta
 
     t0 = shown = time.time()
+    tty = sys.stdout.isatty()  # a terminal: one progress line, redrawn each second after "\r"; a log: a line a minute
     before = meta["train_tokens"] + meta["val_tokens"]
     meta.update(format=data.FORMAT, done=False, max_tokens=max_tokens)
     meta.pop("corpus", None)  # recorded once the preparation is done
@@ -268,16 +269,16 @@ def _prepare(all_documents, tok, out_dir, settings, max_tokens, num_proc):
                 if max_tokens is not None and meta["train_tokens"] >= max_tokens:
                     exhausted = False
                     break
-                if time.time() - shown > 1:
-                    shown = time.time()
+                if time.time() - shown > (1 if tty else 60):
+                    shown, done = time.time(), f" ({meta['train_tokens'] / max_tokens:.0%})" if max_tokens else ""
                     rate = (meta["train_tokens"] + meta["val_tokens"] - before) / (shown - t0)
-                    done = f" ({meta['train_tokens'] / max_tokens:.0%})" if max_tokens else ""
-                    print(f"\r{out_dir}: {meta['docs']:,} documents, {meta['val_tokens']:,} val + "
-                          f"{meta['train_tokens']:,} train tokens{done}, {rate:,.0f} tokens/s", end="", flush=True)
+                    print("\r" * tty + f"{out_dir}: {meta['docs']:,} documents, {meta['val_tokens']:,} val + "
+                          f"{meta['train_tokens']:,} train tokens{done}, {rate:,.0f} tokens/s",
+                          end="" if tty else "\n", flush=True)
         if shard_len:
             _finish_shard(out_dir, meta, split, shard)
     finally:
-        if shown > t0:
+        if tty and shown > t0:
             print()  # past the progress line
     if meta["train_tokens"] == 0:
         return meta

@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from checkpoint import load_into, newest, read_train_state, save
+import data
+from checkpoint import CHECKSUMS, load_into, newest, read_train_state, save
 from cli import UserError
 
 
@@ -141,8 +142,10 @@ def save_run(run, step, keep_steps=()):
         dist.all_gather_object(rngs, rng_state())
     else:
         rngs = [rng_state()]
+    # beside what a resume restores, what it checks: the processes, and the data folder's shards (by name and size)
     train_state = {"model_config": run.raw_model.cfg.to_dict(), "config": run.config, "step": step,
-                   "loader": run.loader.state_dict(), "totals": dict(run.totals), "rng": rngs}
+                   "loader": run.loader.state_dict(), "totals": dict(run.totals), "rng": rngs, "world": run.world,
+                   "shards": shard_list(run.loader.data_dir)}
     return save(run.config["out_dir"], step, run.raw_model, run.optimizer, train_state, fsdp=run.config["fsdp"],
                 keep_last=run.config["keep_last"], keep_steps=keep_steps)
 
@@ -159,9 +162,7 @@ def start_run(config, model, optimizer, loader, rank):
         raise UserError(f"out_dir={out_dir} holds another run's checkpoints: continue it with --resume=True, or give "
                         f"this run a new out_dir")
     elif config["init_from"]:
-        source = Path(config["init_from"])
-        path = newest(source) if (source / "log.jsonl").exists() else source
-        step, totals = restore(path, config, model, optimizer, loader, rank, settings)
+        step, totals = restore(init_checkpoint(config["init_from"]), config, model, optimizer, loader, rank, settings)
     if rank == 0:
         (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         if config["resume"]:
@@ -171,6 +172,45 @@ def start_run(config, model, optimizer, loader, rank):
     return step, totals
 
 
+INIT_FROM = "init_from takes a checkpoint: a ckpt_*.pt file or folder, a run's ckpt.pt, or a run's out_dir"
+
+
+def init_checkpoint(init_from):
+    """The checkpoint init_from names (of a run's out_dir: its newest); a UserError that says what was given instead
+    for a path to nothing, a folder that holds no checkpoint, or a file that is none (a run's log.jsonl)."""
+    source = Path(init_from)
+    if not source.exists() and not source.is_symlink():  # a link to nothing: the checkpoint reader names it
+        where = "" if source.is_absolute() else f" (from {os.getcwd()})"
+        raise UserError(f"init_from={init_from}: no such file or folder{where}; {INIT_FROM}")
+    if source.is_dir():
+        names = sorted(p.name for p in source.iterdir())
+        if any(n == "ckpt.pt" or n.startswith("ckpt_") for n in names):  # a run's out_dir
+            return newest(source)
+        if {"log.jsonl", "config.json"} & set(names):
+            raise UserError(f"init_from={init_from} is a run's out_dir without a checkpoint yet (train.py saves one "
+                            f"every ckpt_interval steps); {INIT_FROM}")
+        if not {CHECKSUMS, "train_state.pt", ".metadata"} & set(names):  # none of a sharded checkpoint's files
+            held = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+            what = f"a folder that holds no checkpoint ({held})" if names else "an empty folder"
+            raise UserError(f"init_from={init_from} is {what}; {INIT_FROM}")
+    elif source.exists() and not source.name.endswith(".pt") and not _starts_as_zip(source):
+        in_run = any((source.parent / n).exists() for n in ("ckpt.pt", "log.jsonl", "config.json"))
+        run = f"; its run's out_dir is --init_from={source.parent}" if in_run else ""
+        raise UserError(f"init_from={init_from} is a file that is not a checkpoint{run}; {INIT_FROM}")
+    return source
+
+
+def _starts_as_zip(path):
+    with open(path, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"  # torch.save writes a zip
+
+
+def shard_list(data_dir):
+    """[split, file, tokens] of each shard of a prepared data folder: what a resumed run must find again to read the
+    rows the original would have read."""
+    return [[s["split"], s["file"], s["tokens"]] for s in data.load_meta(data_dir)["shards"]]
+
+
 def restore(path, config, model, optimizer, loader, rank, settings, resume=False):
     """Continue from checkpoint `path` -> (step, totals): this run (resume: every setting that changes what it
     computes must match) or a new run branched from another's (init_from: the model's shape and the tokenizer must
@@ -178,7 +218,7 @@ def restore(path, config, model, optimizer, loader, rank, settings, resume=False
     and totals, so a branch with unchanged settings repeats the original's later steps exactly; init_weights_only:
     the weights alone, at step 0."""
     state = read_train_state(path)
-    old = state["config"]
+    old = {**settings.DEFAULTS, **state["config"]}  # a setting added since: the runs before it behaved as its default
     weights_only = not resume and config["init_weights_only"]
     fixed = (set(settings.DEFAULTS) - settings.RESUMABLE_KEYS) if resume else \
         settings.IDENTITY_KEYS + ["fsdp"] * (not weights_only)
@@ -189,6 +229,9 @@ def restore(path, config, model, optimizer, loader, rank, settings, resume=False
                   else "a branch keeps the model's shape and the tokenizer" + ("" if weights_only else
                        "; init_weights_only=True takes the weights alone"))
         raise UserError(f"checkpoint {path} was written by a run with other settings ({lines}): {advice}")
+    if not weights_only:
+        _check_data(path, state, loader, resume)
+        _check_world(path, state, old, config, loader.world_size, rank, resume)
     load_into(path, state, model, None if weights_only else optimizer)
     if rank == 0 and not resume:
         changed = {k: (old.get(k), v) for k, v in config.items()
@@ -213,6 +256,56 @@ def restore(path, config, model, optimizer, loader, rank, settings, resume=False
               f"{settings.lr_at(old['max_steps'] - 1, old):.3g}; the decay now starts at step "
               f"{config['max_steps'] - round(config['decay_frac'] * config['max_steps'])}")
     return step, state["totals"]
+
+
+def _check_data(path, state, loader, resume):
+    """A UserError unless the data folder holds the shards the checkpoint's run read (by name and size; checkpoints
+    from before this record have none to compare): a folder prepared again into other shards serves other rows."""
+    now, then = shard_list(loader.data_dir), state.get("shards")
+    if then is None or then == now:
+        return
+    changes = []
+    for split in ("train", "val"):
+        a, b = ([(f, n) for sp, f, n in shards if sp == split] for shards in (then, now))
+        if a != b:
+            i = next(i for i in range(max(len(a), len(b))) if a[i:i + 1] != b[i:i + 1])  # the first that differs
+            changes.append(f"its {split} split was {_shards(a, i)} and is now {_shards(b, i)}")
+    how = ("or start a new run from its weights with --init_from=" + str(path) + " --init_weights_only=True" if resume
+           else "or take the weights alone: init_weights_only=True")
+    raise UserError(f"data_dir={loader.data_dir} is not the data checkpoint {path} was trained on "
+                    f"({'; '.join(changes)}): the run would not read the rows it would have read; prepare it again "
+                    f"exactly as before (same source, tokenizer and shard sizes) or point data_dir at the original, "
+                    f"{how}")
+
+
+def _shards(shards, i):
+    shard = f"shard {i}: {shards[i][0]}, {shards[i][1]:,}" if i < len(shards) else f"no shard {i}"
+    return f"{len(shards)} shard{'s' * (len(shards) != 1)} of {sum(n for _, n in shards):,} tokens ({shard})"
+
+
+def _check_world(path, state, old, config, world, rank, resume):
+    """Another process count than the checkpoint's: a UserError where a resume would take another number of rows per
+    step (the loader serves the rows in the same order under any process count), else one line (rank 0) on what
+    changes."""
+    then = state.get("world", len(state["rng"]))  # before it was recorded: one RNG state per process
+    if then == world:
+        return
+
+    def rows(c, w):  # train.py's rows per step: gradient accumulation fills global_batch_tokens, if set
+        return c["batch_size"] * w * max(1, c["global_batch_tokens"] // (c["batch_size"] * c["seq_len"] * w))
+    before, now = rows(old, then), rows(config, world)
+    if resume and before != now:
+        tokens = before * config["seq_len"]  # a branch's global_batch_tokens that keeps the rows, where one can
+        branch = (f", or branch from it with --init_from={path} --global_batch_tokens={tokens}"
+                  if tokens % (config["batch_size"] * config["seq_len"] * world) == 0 else "")
+        raise UserError(f"checkpoint {path} was written by {then} processes, this run has {world}: a step would take "
+                        f"{now} rows instead of {before}; resume with {then} processes{branch} (global_batch_tokens "
+                        f"keeps the rows per step under any process count; with it 0, each process adds batch_size "
+                        f"rows)")
+    if rank == 0:
+        print(f"checkpoint {path} was written by {then} processes, this run has {world}: {now} rows per step "
+              f"({'as before' if now == before else f'{before} before'}), read in the same order; each rank takes its "
+              f"random state from the checkpoint where it has its own, else rank 0's")
 
 
 def truncate_log(path, step):

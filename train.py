@@ -16,9 +16,11 @@ of a batch) changes the plain trainer's value set on the line above it.
 """
 
 import contextlib
+import inspect
 import math
 import os
 import random
+import shutil
 import signal
 import time
 import warnings
@@ -35,7 +37,7 @@ import logs
 import resume
 import tst  # TST
 from cli import UserError
-from config import lr_at
+from eval import loss_sums
 from model import ModelConfig, Transformer
 from sample import sample
 
@@ -64,7 +66,7 @@ class Run:
     totals: dict = None  # positions, data_tokens, flops so far
     lock: object = None  # out_dir's lock file, held while the run lives (rank 0)
     log: object = None  # log.jsonl, open for appending (rank 0)
-    trackers: list = ()  # (log, close) pairs of wandb / tensorboard (rank 0)
+    trackers: list = ()  # (name, log, close) of wandb / tensorboard (rank 0)
 
     @property
     def master(self):
@@ -191,12 +193,12 @@ def build_model(config, device, dtype):
         for block in model.layers:
             fully_shard(block, mp_policy=policy)
         fully_shard(model, mp_policy=policy)
-    elif dist.is_initialized():
-        # buffers (MoE expert loads) are per rank by design; they are all-reduced where they are read
-        options = dict(broadcast_buffers=False, find_unused_parameters=False)
+    elif dist.is_initialized():  # buffers (MoE loads) are per rank, all-reduced where read: not synced by forward
+        DDP = torch.nn.parallel.DistributedDataParallel  # torch 2.13 renamed its broadcast_buffers forward_sync_buffers
+        sync = next(k for k in ("forward_sync_buffers", "broadcast_buffers") if k in inspect.signature(DDP).parameters)
+        options = {sync: False, "find_unused_parameters": False}
         options["find_unused_parameters"] = bool(list(model.bag_combiner.parameters()))  # TST: idle in phase 2
-        wrapped = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None, **options)
+        wrapped = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, **options)
     matrices = [p for p in model.parameters() if p.dim() >= 2]  # weight decay on matrices and embeddings only
     vectors = [p for p in model.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW(
@@ -236,7 +238,7 @@ def main(argv):
                   f"{run.totals['data_tokens']:,} data tokens, final val loss {record['val_loss']:.4f}")
         return run.raw_model
     finally:
-        for _, close in run.trackers:
+        for *_, close in run.trackers:
             close()
         for f in (run.log, run.lock):  # the lock too: out_dir is free again, even for a caller that goes on
             if f:
@@ -246,50 +248,55 @@ def main(argv):
 
 
 def train(run):
-    """A step, its evaluation, log lines and checkpoint; a stop signal saves and exits. -> the last record."""
+    """Each step, its evaluation, log lines and checkpoint, to the last or an early end (stop, lost) -> its record."""
     config, started, record = run.config, time.time(), None
     keep = []  # steps whose checkpoints are kept for good
     keep += run.schedule.boundaries  # TST: the checkpoint at each switch (the paper's phase-1 checkpoint)
-    with cli.stop_signals() as received:
-        for step in range(run.start_step, config["max_steps"]):
-            run.schedule.begin_step(step, run.raw_model, run.optimizer, announce=run.master)  # TST: a new stage?
-            record, stop_now = train_step(run, step, stop_requested=bool(received))
-            done = step + 1
-            milestone = done == config["max_steps"]
-            milestone |= done in run.schedule.boundaries  # TST: evaluate and save at every switch
-            if done % config["eval_interval"] == 0 or milestone:
-                record["val_loss"] = evaluate(run)
-            if config["sample_interval"] and (done % config["sample_interval"] == 0 or milestone):
-                record["sample"] = sample_text(run, step)
-            if run.master:
-                logs.write(run, record)
-                if step % config["log_interval"] == 0 or "val_loss" in record:
-                    logs.show(run, record, time.time() - started, done - run.start_step)
-            path = None
-            if done % config["ckpt_interval"] == 0 or milestone:
-                path = resume.save_run(run, done, keep_steps=keep)
-                if run.master and done in keep:
+    with cli.stop_signals() as received:  # the signals, then (rank 0) the line of a tracker that failed
+        try:
+            for step in range(run.start_step, config["max_steps"]):
+                run.schedule.begin_step(step, run.raw_model, run.optimizer, announce=run.master)  # TST: a new stage?
+                record, stop_now = train_step(run, step, received)
+                done = step + 1
+                milestone = done == config["max_steps"]
+                milestone |= done in run.schedule.boundaries  # TST: evaluate and save at every switch
+                if done % config["eval_interval"] == 0 or milestone:
+                    record.update(evaluate(run, received))
+                    stop_now |= "val_loss" not in record  # abandoned: a stop was asked for, on some rank
+                if config["sample_interval"] and not stop_now and (done % config["sample_interval"] == 0 or milestone):
+                    record["sample"] = sample_text(run, step)
+                if run.master:
+                    received += logs.write(run, record)  # a tracker that failed is dropped: the run saves and stops
+                    if step % config["log_interval"] == 0 or "val_loss" in record:
+                        logs.show(run, record, time.time() - started, done - run.start_step)
+                saving = done % config["ckpt_interval"] == 0 or milestone
+                path = resume.save_run(run, done, keep_steps=keep) if saving else None
+                if path and run.master and done in keep:
                     print(f"saved {path}, kept for good")
-            if stop_now and done < config["max_steps"]:
-                stop(run, done, received[0] if received else 0, path or resume.save_run(run, done, keep))
+                if stop_now or received and done == config["max_steps"]:  # (the last step saves on every rank)
+                    stop(run, done, received[0] if received else 0, path or resume.save_run(run, done, keep))
+        except RuntimeError as e:  # gloo's error in a collective (NCCL's watchdog ends a process itself)
+            if not (dist.is_initialized() and (isinstance(e, dist.DistError) or "gloo/transport" in str(e))):
+                raise
+            lost(run, step, e)
     return record
 
 
 # -----------------------------------------------------------------------------
 # One optimizer step, and the held-out loss
 
-def train_step(run, step, stop_requested=False):
+def train_step(run, step, received=()):
     """One optimizer step over grad_accum micro-batches per process -> (its log record, whether any process was asked
-    to stop: the flag travels with the loss's all-reduce, so that every rank stops after the same step)."""
+    to stop by then: the flag travels with the loss's all-reduce, so that every rank stops after the same step)."""
     t0 = time.time()
     config, T = run.config, run.config["seq_len"]
     row_tokens = T  # data tokens a row consumes (+1, the label of its last position)
     stage = run.schedule.stage(step)  # TST
     row_tokens *= stage.tokens_per_position  # TST: s*T when bags come in
-    lr = lr_at(step, config)
+    lr = settings.lr_at(step, config)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
-    sums = torch.tensor([0.0, 0.0, float(stop_requested)], device=run.device)  # loss, aux_loss, stop
+    sums = torch.zeros(4, device=run.device)  # loss, aux_loss, stop, data tokens read but not trained on
     for micro in range(run.grad_accum):
         last = micro == run.grad_accum - 1
         if config["fsdp"]:
@@ -301,6 +308,7 @@ def train_step(run, step, stop_requested=False):
             rows = rows.pin_memory().to(run.device, non_blocking=True)
         inputs, targets, loss_fn = rows[:, :-1], rows[:, 1:], None  # loss_fn None: next-token cross-entropy
         inputs, targets, loss_fn = stage.batch(inputs, targets)  # TST: bags in, the next bag out, the bag loss
+        sums[3] += stage.padding(inputs)  # TST: doc_bags' padding
         with run.autocast:
             loss, aux_loss = run.model(inputs, targets, loss_fn)
         ((loss + aux_loss) / run.grad_accum).backward()
@@ -309,15 +317,16 @@ def train_step(run, step, stop_requested=False):
     if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
         grad_norm = grad_norm.full_tensor()
     sums[:2] /= run.grad_accum
+    sums[2] = float(bool(received))
     if dist.is_initialized():
         dist.all_reduce(sums)
         sums[:2] /= run.world
     loss, aux_loss, grad_norm = sums[0].item(), sums[1].item(), grad_norm.item()
     if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-        raise UserError(diverged(run, step, loss, grad_norm))
+        raise UserError(logs.diverged(run, step, loss, grad_norm))
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
-    positions, data_tokens = run.rows_per_step * T, run.rows_per_step * row_tokens
+    positions, data_tokens = run.rows_per_step * T, run.rows_per_step * row_tokens - round(sums[3].item())
     run.totals["positions"] += positions
     run.totals["data_tokens"] += data_tokens
     run.totals["flops"] += run.flops_per_position * positions
@@ -332,30 +341,31 @@ def train_step(run, step, stop_requested=False):
 
 
 @torch.no_grad()
-def evaluate(run):
+def evaluate(run, received=()):
     """Held-out next-token loss on token input (one scale for every stage and run) over the fixed validation rows,
-    split among the processes, so that the figure does not depend on how many there are."""
+    split among the processes, so that the figure does not depend on how many there are -> {"val_loss": loss}, or {}
+    once a stop is asked for on any rank (the ranks agree before each batch: every rank runs the same forwards)."""
     B, rows = run.config["batch_size"], run.val_rows
     mine = rows[run.rank::run.world]
     batches = -(-len(rows) // (run.world * B))  # the same on every rank: FSDP gathers weights in every forward
     total = torch.zeros(2, dtype=torch.float64, device=run.device)  # summed loss, scored tokens
     for i in range(batches):
+        if not resume.all_agree(not received, run.device):
+            return {}
         batch, scale = mine[i * B:(i + 1) * B], 1.0
         if len(batch) == 0:  # this rank has run out of rows: it joins the forward and counts nothing
             batch, scale = rows[:1], 0.0
         batch = batch.to(run.device)
         with run.autocast:
-            loss, _ = run.raw_model(batch[:, :-1], batch[:, 1:])
-        n = scale * batch[:, 1:].numel()
-        total += torch.stack([loss.double() * n, torch.tensor(n, dtype=torch.float64, device=run.device)])
+            summed, n = loss_sums(run.raw_model, batch)  # eval.py's arithmetic, on this rank's share
+        total += torch.stack([summed * scale, torch.tensor(n * scale, dtype=torch.float64, device=run.device)])
     if dist.is_initialized():
         dist.all_reduce(total)
-    return (total[0] / total[1]).item()
-
+    return {"val_loss": (total[0] / total[1]).item()}
 
 
 # -----------------------------------------------------------------------------
-# Samples, divergence and signals: what the loop says when something happens
+# Samples, and a run's early ends: stop() saves and exits, lost() ends a survivor (their lines: logs.py)
 
 def sample_text(run, step):
     """A continuation of sample_prompt, on every rank (FSDP gathers weights in every forward), from a generator of its
@@ -367,31 +377,23 @@ def sample_text(run, step):
                                            c["sample_temperature"], 0, generator)
 
 
-def diverged(run, step, loss, grad_norm):
-    """The one line for a NaN or infinite loss or gradient: the command that branches from the last good checkpoint
-    with a lower learning rate, or that starts again with one."""
-    out_dir, lower = Path(run.config["out_dir"]), f"--lr={run.config['lr'] / 4:g}"
-    if (out_dir / "ckpt.pt").exists():
-        last = (out_dir / "ckpt.pt").resolve()
-        branch = cli.command(__file__, run.argv, f"--init_from={last}", lower, f"--out_dir={out_dir}_lr",
-                             "--resume=False")
-        advice = f"the last checkpoint ({last.name}) is from before it: branch from it with a lower lr: {branch}"
-    else:
-        advice = f"no checkpoint was written yet: start again with a lower lr: {cli.command(__file__, run.argv, lower)}"
-    return f"step {step}: loss {loss}, grad norm {grad_norm}: the run diverged and stopped before the update; {advice}"
-
-
-# -----------------------------------------------------------------------------
-# Preemption: SIGTERM (what a cluster sends before it kills a job) and Ctrl-C finish the step, save, and stop
-
-def stop(run, done, signum, path):
-    """After the step reached is saved (at `path`): say how to continue, and exit with 128 + the signal's number, as a
-    process killed by it would."""
-    name = signal.Signals(signum).name if signum else "a signal on another rank"
+def stop(run, done, reason, path):
+    """After the step reached is saved (at `path`): say why and how to continue. A signal (its number; 0: another
+    rank's) exits with 128 + its number, as a process killed by it would; a tracker's failure (its line) is an error."""
+    if isinstance(reason, str):
+        raise UserError(logs.stopped(run, done, reason, path))
     if run.master:
-        print(f"stopped by {name} after step {done - 1}: saved {path}; continue with: "
-              f"{cli.command(__file__, run.argv, '--resume=True')}", flush=True)
-    raise SystemExit(128 + (signum or signal.SIGTERM))
+        print(logs.stopped(run, done, reason, path), flush=True)
+    raise SystemExit(128 + (reason or signal.SIGTERM))
+
+
+def lost(run, step, error):
+    """On each survivor of a process that died (none knows which of them would print): remove the checkpoint being
+    written, say which process was lost and where to continue (now: torchrun's SIGTERM may end it), and exit."""
+    for tmp in Path(run.config["out_dir"]).glob("ckpt_*.tmp"):
+        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+    cli.print_error(logs.lost(run, step, error))
+    raise SystemExit(1)
 
 
 if __name__ == "__main__":

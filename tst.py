@@ -40,6 +40,8 @@ SETTINGS = dict(
     bag_loss=("mce", "mce (multi-hot cross-entropy) | sum_to_one (-log of the bag's total probability)"),
     bag_weights=("uniform", "MCE's weights: uniform | power | power:K | exp | first | [w_1, ..., w_s]"),
     reinit_at_switch=(False, "re-initialise input embedding and LM head at the switch (the paper's Table 2 ablation)"),
+    doc_bags=(False, "document-aware bags: after an end of text the rest of the bag is padding, left out of the bag's "
+                     "mean, its targets and the data-token count"),
 )
 DEFAULTS = {name: default for name, (default, _) in SETTINGS.items()}
 
@@ -56,9 +58,10 @@ def fold(tokens, s):
 
 
 class BagCombiner(nn.Module):
-    """A bag's token embeddings -> one input vector: (B, T, s, dim) -> (B, T, dim). The paper's, and this one: the
-    mean, summed in float32 (bf16 loses the small differences between bags) and cast back. Nothing positional is
-    added: the paper found that it hurts.
+    """A bag's token embeddings -> one input vector: (B, T, s, dim), and which of them are tokens rather than
+    padding, (B, T, s) bool -> (B, T, dim). The paper's, and this one: the mean of the bag's tokens, summed in float32
+    (bf16 loses the small differences between bags) and cast back. Nothing positional is added: the paper found that
+    it hurts. Padding exists only with doc_bags (see pad_after_end_of_text); every bag keeps at least one token.
 
     The model owns one (Transformer.bag_combiner) and calls it in superposition stages only. A learned combiner (say,
     attention pooling over the bag) is this class with parameters: model.init_weights initialises them by name
@@ -71,8 +74,17 @@ class BagCombiner(nn.Module):
         super().__init__()
         self.dim = dim
 
-    def forward(self, vectors):
-        return (vectors.sum(dim=2, dtype=torch.float32) / vectors.size(2)).to(vectors.dtype)
+    def forward(self, vectors, tokens):
+        summed = vectors.masked_fill(~tokens[..., None], 0).sum(dim=2, dtype=torch.float32)
+        return (summed / tokens.sum(dim=2, keepdim=True)).to(vectors.dtype)
+
+
+def pad_after_end_of_text(bags, eot):
+    """Document-aware bags (doc_bags): (B, T, s) ids -> the same with every token that follows an end of text (eot) in
+    its bag replaced by IGNORE_INDEX, so that no bag holds tokens of two documents. The end of text itself stays: it
+    ends its document's bag. The model reads an id < 0 as padding (left out of the bag's mean)."""
+    after = (bags == eot).cumsum(dim=2) - (bags == eot).long() > 0
+    return bags.masked_fill(after, IGNORE_INDEX)
 
 
 # -----------------------------------------------------------------------------
@@ -187,6 +199,7 @@ class Stage:
     mode: str = "full"
     weights: tuple = (1.0,)  # MCE's w_1..w_k of the stage's k targets per position, as numbers
     loss: str = "mce"  # the bag loss: mce or sum_to_one
+    eot: int = None  # doc_bags: the data's end-of-text id, after which a bag holds padding; None: bags of any tokens
 
     @property
     def superposition(self):
@@ -209,6 +222,11 @@ class Stage:
         """Data tokens a row consumes (the loader's row length; the row holds one more, the last label)."""
         return self.tokens_per_position * T
 
+    @staticmethod
+    def padding(inputs):
+        """Tokens of a batch's inputs (as batch returns them) that are doc_bags padding: read but not trained on."""
+        return (inputs < 0).sum()
+
     def batch(self, inputs, labels):
         """A micro-batch's next-token (inputs, labels), each (B, data_tokens_per_row(T)): the rows with their last
         token dropped and shifted by one -> (inputs, targets, loss_fn) for the model.
@@ -225,6 +243,11 @@ class Stage:
             inputs, targets = fold(inputs, self.s), bag_targets(labels, self.s)[..., :1]
         else:  # "output"
             targets = next_tokens(labels, self.s)
+        if self.eot is not None and self.mode != "output":
+            inputs = pad_after_end_of_text(inputs, self.eot)
+            # the target of latent position j is bag j + 1, padded as its inputs are (the last position's target,
+            # the first token of the bag after the row, is never padding)
+            targets[:, :-1] = targets[:, :-1].masked_fill(inputs[:, 1:, :targets.size(2)] < 0, IGNORE_INDEX)
         valid = (targets != IGNORE_INDEX).flatten(0, -2)
         if self.loss == "sum_to_one":
             return inputs, targets, functools.partial(sum_to_one_loss, scored_positions=valid.any(1).sum())
@@ -262,6 +285,8 @@ def check(config):
                              f"integer, e.g. (0.3, 4)")
     if pairs and (s != 1 or r != 0):
         raise ValueError(f"s_schedule={pairs} and s={s}, r={r}: set either s and r, or s_schedule")
+    if config["doc_bags"] and mode == "output":
+        raise ValueError("doc_bags=True with tst_mode='output': output-only reads no bags; leave doc_bags False")
     start = 0
     for fraction, stage_s in pairs:
         end = step_at(fraction, config["max_steps"])
@@ -293,7 +318,8 @@ class Schedule:
         for fraction, stage_s in pairs:
             end = step_at(fraction, max_steps)
             weights = (1.0,) if mode == "input" else tuple(bag_weights(stage_s, config["bag_weights"]).tolist())
-            self.stages.append(Stage(start, end, stage_s, mode, weights, loss))
+            eot = data["eot"] if config["doc_bags"] and data else None  # a fact of the data (none in a plan)
+            self.stages.append(Stage(start, end, stage_s, mode, weights, loss, eot))
             start = end
         self.stages.append(Stage(start, max_steps, 1))
         self.reinit_at_switch = config["reinit_at_switch"]

@@ -1,5 +1,5 @@
 # The paper's 10B-A1B MoE baseline: 125k steps of ordinary next-token training, 8M-token batches (1.05T tokens).
-#   torchrun --nproc_per_node=8 train.py config/10b_a1b_baseline.py
+#   torchrun --nproc_per_node=8 train.py -- config/10b_a1b_baseline.py
 # Shape (model.NAMED_SHAPES["10b-a1b"]): Qwen3-MoE style, 48 layers of width 1024, 8 query heads of 128 with 2
 # KV heads and QK-norm, 128 experts of 512 per layer, top-8, no shared expert, Llama-3 vocabulary, untied:
 # 10,058,576,896 parameters in total, 998,880,256 active per position (tests/test_moe.py checks both).

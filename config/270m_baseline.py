@@ -1,7 +1,7 @@
 # The paper's 270M dense baseline (docs/METHOD.md): the SmolLM2-135M shape through Llama-3 code with the Llama-3
 # tokenizer (128,256 ids) and an untied LM head, full multi-head attention (that is what lands on 270M);
 # DCLM; 20k steps of 2M tokens; AdamW (0.9, 0.95); WSD with 2000 warm-up steps and a 10% decay; lr 2e-3.
-# Prepare the data first (README, "Data"), then: torchrun --nproc_per_node=8 train.py config/270m_baseline.py
+# Prepare the data first (README, "Data"), then: torchrun --nproc_per_node=8 train.py -- config/270m_baseline.py
 out_dir = "out/270m_baseline"
 data_dir = "data/dclm_llama3"
 data_source = "dclm"

@@ -1,16 +1,24 @@
 """checkpoint.py: what is written is what is read back, or the damage is named."""
 
+import errno
 import json
+import re
 import shutil
+import types
+import warnings
 import zipfile
+from unittest import mock
 
 import pytest
 import torch
 import torch.distributed as dist
 
 import checkpoint
+import config as settings
+import data
 import resume
 from cli import UserError
+from conftest import settings as argv
 from model import ModelConfig, Transformer
 
 
@@ -352,3 +360,140 @@ def test_a_lock_path_that_is_not_a_file_is_named_in_one_line(tmp_path):
         resume.lock(tmp_path)
     lock.unlink()
     resume.lock(tmp_path).close()
+
+
+# -----------------------------------------------------------------------------
+# A failed save says why; a sharded checkpoint is read whole without a warning; init_from takes checkpoints only; a
+# resume finds what its checkpoint's run left (settings, data, process count) or says what changed
+
+def checkpoint_exception(*failures):
+    """What torch.distributed.checkpoint raises when ranks fail: {rank: (exception, traceback)}."""
+    api = pytest.importorskip("torch.distributed.checkpoint.api")
+    return api.CheckpointException("save failed", {rank: api._wrap_exception(e) for rank, e in enumerate(failures)})
+
+
+def with_context(error, context):
+    error.__context__ = context
+    return error
+
+
+def test_a_full_disk_is_found_by_its_errno_anywhere_inside_the_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(checkpoint, "FULL_BYTES", 0)  # the disk itself says nothing here
+    cases = {
+        "no space left on device": checkpoint_exception(
+            RuntimeError("unexpected pos 704 vs 598"), with_context(RuntimeError("file write failed"),
+                                                                    OSError(errno.ENOSPC, "No space left on device"))),
+        "disk quota exceeded": checkpoint_exception(with_context(RuntimeError("PytorchStreamWriter failed"),
+                                                                 OSError(errno.EDQUOT, "Disk quota exceeded"))),
+        "RuntimeError: unexpected pos 704 vs 598": checkpoint_exception(RuntimeError("unexpected pos 704 vs 598")),
+        "OSError: [Errno 5] Input/output error": OSError(errno.EIO, "Input/output error"),
+    }
+    assert {checkpoint._cause(error, tmp_path): cause for cause, error in cases.items()} == {c: c for c in cases}
+
+
+def test_a_full_disk_that_torch_reports_without_an_errno_is_found_on_the_disk(tmp_path, monkeypatch):
+    model, optimizer = tiny()
+    failure = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+    monkeypatch.setattr(checkpoint.torch, "save", mock.Mock(side_effect=failure))  # torch 2.13 drops the OSError
+    monkeypatch.setattr(checkpoint, "FULL_BYTES", 1 << 62)  # no disk has that much free
+    with pytest.raises(UserError, match=r"step 1\) failed: no space left on device; this run has no checkpoint"):
+        checkpoint.save(tmp_path, 1, model, optimizer, train_state(model, 1))
+    monkeypatch.setattr(checkpoint, "FULL_BYTES", 0)
+    with pytest.raises(UserError, match=r"failed: RuntimeError: \[enforce fail .*unexpected pos 704 vs 598; this run"):
+        checkpoint.save(tmp_path, 1, model, optimizer, train_state(model, 1))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_sharded_checkpoint_read_whole_in_one_process_warns_nothing(tmp_path):
+    model, optimizer = tiny()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        path = checkpoint.save(tmp_path / "run", 1, model, optimizer, train_state(model, 1), fsdp=True)
+    finally:
+        dist.destroy_process_group()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded, _ = checkpoint.load_model(path)
+        checkpoint.load_into(path, checkpoint.read_train_state(path), loaded, torch.optim.AdamW(loaded.parameters()))
+    assert [str(w.message) for w in caught] == []
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+
+def test_init_from_something_that_is_no_checkpoint_says_what_it_is_and_what_is_taken(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "log.jsonl").write_text('{"step": 0}\n')
+    takes = re.escape("; init_from takes a checkpoint: a ckpt_*.pt file or folder, a run's ckpt.pt, or a run's "
+                      "out_dir") + "$"
+    cases = {
+        "nowhere": rf"^init_from={tmp_path / 'nowhere'}: no such file or folder{takes}",
+        "empty": rf"^init_from={tmp_path / 'empty'} is an empty folder{takes}",
+        "run/log.jsonl": rf"^init_from={tmp_path / 'run' / 'log.jsonl'} is a file that is not a checkpoint; its "
+                         rf"run's out_dir is --init_from={tmp_path / 'run'}{takes}",
+    }
+    base = {"resume": False, "out_dir": tmp_path}
+    for given, message in cases.items():
+        with pytest.raises(UserError, match=message):
+            resume.start_run({**base, "init_from": str(tmp_path / given)}, None, None, None, 0)
+
+
+def saved_run(data_dir, out, world=1, **overrides):
+    """A run of conftest's tiny settings saved at step 3, as `world` processes save it: (the run, the checkpoint)."""
+    config = settings.load(argv(data_dir, out, **overrides))
+    config["vocab_size"] = 257
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(**{k: config[k] for k in settings.MODEL_KEYS}))
+    loader = data.TokenLoader(data_dir, "train", config["batch_size"], window=4 * config["seq_len"], seed=1)
+    run = types.SimpleNamespace(config=config, raw_model=model, optimizer=torch.optim.AdamW(model.parameters()),
+                                loader=loader, world=world, totals={"positions": 0, "data_tokens": 0, "flops": 0})
+    out.mkdir(parents=True)
+    return run, resume.save_run(run, 3)
+
+
+def restore(run, path, data_dir=None, **changes):
+    """resume.restore of `path` into a run like `run` (of its data_dir, or `data_dir`), with its config changed."""
+    config = {**run.config, **changes, "data_dir": str(data_dir or run.loader.data_dir)}
+    loader = data.TokenLoader(config["data_dir"], "train", config["batch_size"], window=4 * config["seq_len"], seed=1)
+    return resume.restore(path, config, run.raw_model, run.optimizer, loader, 0, settings,
+                          resume=config["resume"])
+
+
+def test_a_setting_added_since_a_checkpoint_was_saved_reads_as_its_default(data_dir, tmp_path, capsys):
+    run, path = saved_run(data_dir, tmp_path / "run")
+    state = {k: v for k, v in checkpoint.read_train_state(path).items() if k not in ("model", "optimizer")}
+    del state["config"]["bag_loss"]  # saved before bag_loss existed: such runs trained MCE, its default
+    path = checkpoint.save(tmp_path / "run", 4, run.raw_model, run.optimizer, state)
+    assert restore(run, path, resume=True)[0] == 3
+    restore(run, path, out_dir=str(tmp_path / "branch"), init_from=str(path))
+    assert "settings changed: none" in capsys.readouterr().out
+
+
+def test_resuming_on_a_data_folder_prepared_into_other_shards_is_refused(data_dir, tmp_path):
+    import prepare
+    run, path = saved_run(data_dir, tmp_path / "run")
+    kw = dict(val_tokens=4000, num_proc=1)  # conftest's data_dir, prepared again: the same tokens
+    again = prepare.prepare(str(data_dir.parent / "*.txt"), "bytes", tmp_path / "again", **kw)
+    assert restore(run, path, tmp_path / "again", resume=True)[0] == 3  # identical: fine
+    other = prepare.prepare(str(data_dir.parent / "*.txt"), "bytes", tmp_path / "other", shard_tokens=20_000, **kw)
+    assert other["train_tokens"] == again["train_tokens"]  # what the loader's state compares
+    with pytest.raises(UserError, match=rf"^data_dir={tmp_path / 'other'} is not the data checkpoint {path} was "
+                                        rf"trained on \(its train split was 1 shard of [\d,]+ tokens \(shard 0: "
+                                        rf"train_000000.bin, [\d,]+\) and is now [2-9] shards of [\d,]+ tokens "
+                                        rf"\(shard 0: train_000000.bin, 20,[\d,]+\)\): .*--init_from={path} "
+                                        rf"--init_weights_only=True$"):
+        restore(run, path, tmp_path / "other", resume=True)
+    with pytest.raises(UserError, match="or take the weights alone: init_weights_only=True$"):
+        restore(run, path, tmp_path / "other", out_dir=str(tmp_path / "branch"), init_from=str(path))
+
+
+def test_resuming_under_another_process_count_keeps_the_rows_per_step_or_is_refused(data_dir, tmp_path, capsys):
+    run, path = saved_run(data_dir, tmp_path / "run", world=2)  # 2 x 4 rows per step
+    with pytest.raises(UserError, match=rf"^checkpoint {path} was written by 2 processes, this run has 1: a step "
+                                        rf"would take 4 rows instead of 8; resume with 2 processes, or branch from "
+                                        rf"it with --init_from={path} --global_batch_tokens=128 \(global_batch_tokens "
+                                        rf"keeps the rows per step under any process count; .*\)$"):
+        restore(run, path, resume=True)
+    run, path = saved_run(data_dir, tmp_path / "fixed", world=2, global_batch_tokens=128)
+    assert restore(run, path, resume=True)[0] == 3
+    assert (f"checkpoint {path} was written by 2 processes, this run has 1: 8 rows per step (as before), read in "
+            f"the same order; each rank takes its random state from the checkpoint where it has its own, else rank "
+            f"0's\n") in capsys.readouterr().out

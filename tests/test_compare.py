@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+import cli
 from cli import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -198,6 +199,24 @@ def test_a_folder_without_the_files_is_named(tmp_path):
     (broken / "log.jsonl").write_text('{"step": 0}\nnot json\n{"step": 2}\n')
     with pytest.raises(UserError, match=r"broken/log.jsonl, line 2: not a JSON line"):
         compare.load_run(broken)
+
+
+@pytest.mark.parametrize("text, problem", [
+    ('{"s": 4, "max_st', r"JSONDecodeError: Unterminated string"),  # cut by a full disk
+    ('[{"max_steps": 400}]', "it has no max_steps"),  # a JSON list
+    ('{"s": 4, "r": 0.25}', "it has no max_steps"),
+])
+def test_a_damaged_config_json_is_one_line_in_the_table_and_in_a_sweep(tmp_path, text, problem, capsys):
+    run = fake_run(tmp_path / "sweep" / "s4_r0.25", 4, 0.25, [2.6, 2.2], steps=150)
+    (run / "config.json").write_text(text)
+    with pytest.raises(SystemExit) as stopped:
+        cli.run(compare.main, [str(run)])
+    err = capsys.readouterr().err
+    assert stopped.value.code == 1 and len(err.splitlines()) == 1
+    assert re.match(rf"error: {re.escape(str(run / 'config.json'))} is damaged \({problem}.*\): train.py writes it",
+                    err), err
+    with pytest.raises(UserError, match=re.escape(f"{run / 'config.json'} is damaged")):  # a sweep resuming it
+        compare.run_state(run)
 
 
 def test_a_baseline_is_a_run_whose_log_has_no_phase_1_step(tmp_path):

@@ -8,6 +8,7 @@ import faulthandler
 import fcntl
 import gzip
 import hashlib
+import itertools
 import json
 import multiprocessing
 import os
@@ -18,6 +19,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -167,6 +169,18 @@ def test_round_trip_text_to_shards_to_rows_to_text(tmp_path):
         for row in rows.tolist():
             # a piece of a window: found in the text at a multiple of the row length
             assert any(text[i:i + L + 1] == row for i in range(0, len(text) - L, L))
+
+
+@pytest.mark.parametrize("tty", [False, True])
+def test_progress_is_whole_lines_in_a_log_and_one_redrawn_line_on_a_terminal(tmp_path, capsys, monkeypatch, tty):
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: tty, raising=False)
+    monkeypatch.setattr(prepare, "time", types.SimpleNamespace(time=itertools.count(0, 100).__next__))  # 100 s a read
+    prepare.prepare(write_docs(tmp_path / "docs", make_docs(20)), "bytes", tmp_path / "out", val_tokens=200,
+                    num_proc=1)
+    out = capsys.readouterr().out
+    progress = [line for line in out.split("\n") if " documents, " in line]
+    assert len(progress) == (1 if tty else 20)  # a log: one line per update (each after 100 s), each its own line
+    assert ("\r" in out) == tty and progress[0].count("\r") == (20 if tty else 0)
 
 
 def test_stdlib_is_the_offline_default_corpus(tmp_path):

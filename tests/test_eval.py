@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import checkpoint
+import cli
 import eval as E
 import tools.tasks as T
 from cli import UserError
@@ -49,8 +50,11 @@ class BigramModel(nn.Module):
         self.logp = nn.Parameter(torch.tensor(P).log(), requires_grad=False)
         self.cfg = ModelConfig(vocab_size=len(P), max_seq_len=max_seq_len)
 
-    def forward(self, tokens):
-        return self.logp[tokens]
+    def forward(self, tokens, targets=None):  # as Transformer: logits, or (mean next-token loss, aux loss)
+        if targets is None:
+            return self.logp[tokens]
+        loss = F.cross_entropy(self.logp[tokens].flatten(0, 1), targets.flatten())
+        return loss, torch.zeros(())
 
 
 # ---------------------------------------------------------------------------
@@ -321,6 +325,29 @@ def test_results_json_merges_tasks_of_one_step(tmp_path):
                               {"task": "piqa", "metric": "acc", "value": 0.75, "stderr": 0.1, "n": 10, "step": 7}]
 
 
+def test_results_json_is_replaced_whole_or_left_as_it_was(tmp_path, monkeypatch):
+    path = tmp_path / "eval_step7.json"
+    E.write_results(path, [{"task": "piqa", "metric": "acc", "value": 0.5, "stderr": 0.1, "n": 10}], 7, {})
+    before = path.read_text()
+
+    def disk_fills(obj, f, **kw):  # half the new file, then a full disk
+        f.write(json.dumps(obj)[:20])
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(E.json, "dump", disk_fills)
+    with pytest.raises(OSError, match="No space left"):
+        E.write_results(path, [{"task": "boolq", "metric": "acc", "value": 0.7, "stderr": 0.1, "n": 10}], 7, {})
+    assert path.read_text() == before and os.listdir(tmp_path) == ["eval_step7.json"]
+
+
+def test_scoring_draws_no_progress_bar_where_stderr_is_no_terminal(capsys, monkeypatch):
+    model, pairs = BigramModel([[0.5, 0.5], [0.5, 0.5]]), [([0], [1])] * 3
+    E.loglikelihoods(model, pairs, max_len=8, batch_size=1)
+    assert capsys.readouterr().err == ""  # a log file gets no "\r" redraws
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    E.loglikelihoods(model, pairs, max_len=8, batch_size=1)
+    assert "\r" in capsys.readouterr().err  # a terminal gets the bar
+
+
 def train_state(step, model, tokenizer="bytes", data_dir="data"):
     """What train.py saves beside the weights (config: the keys eval.py reads)."""
     config = {"tokenizer": tokenizer, "data_dir": str(data_dir), "seq_len": 32, "batch_size": 2, "eval_tokens": 96}
@@ -368,7 +395,7 @@ def test_cli_scores_offline_tasks_and_writes_results_into_the_run_folder(tmp_pat
     assert [r["task"] for r in json.load(open(tmp_path / "eval_step42_limit1.json"))["results"]] == ["arc_easy"] * 2
 
 
-@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled.*intent is to save")  # this test's own dcp.save
 def test_an_fsdp_checkpoint_folder_is_scored_like_a_file(tmp_path):
     import torch.distributed.checkpoint as dcp
     _, model = tiny_checkpoint(tmp_path / "file", tie_embeddings=True)
@@ -522,6 +549,21 @@ def test_cli_refuses_bad_numbers(argv, message, capsys):
     with pytest.raises(SystemExit) as exit:
         E.main(["--ckpt", "run/ckpt.pt", *argv])
     assert exit.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--loss_tokens", "inf"], "error: argument --loss_tokens: inf is not a whole number of positions (or all)"),
+    (["--loss_tokens", "nan"], "error: argument --loss_tokens: nan is not a whole number of positions (or all)"),
+    (["--device", "mps"], "error: --device mps: this machine (torch "),
+])
+def test_an_impossible_number_of_positions_or_device_is_one_error_line(argv, message, capsys, monkeypatch):
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)  # a machine without MPS
+    with pytest.raises(SystemExit) as exit:
+        cli.run(E.main, ["--ckpt", "run/ckpt.pt", *argv])
+    err = capsys.readouterr().err
+    assert exit.value.code != 0 and "Traceback" not in err
+    assert [line for line in err.splitlines() if "error:" in line] == [line for line in err.splitlines()
+                                                                        if message in line]
 
 
 @pytest.fixture(scope="module")

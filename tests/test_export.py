@@ -194,6 +194,25 @@ def test_a_folder_that_is_not_empty_is_refused_unless_overwrite_replaces_its_con
     assert sorted(p.name for p in out.iterdir()) == EXPORTED
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_every_exported_file_has_the_mode_the_umask_gives_a_new_file(tmp_path, umask):
+    pytest.importorskip("safetensors", reason="the export writes with safetensors (pip install transformers)")
+    pytest.importorskip("tokenizers", reason="the export writes with tokenizers (pip install transformers)")
+    path, _ = tiny_checkpoint(tmp_path / "run")
+    before = os.umask(umask)
+    try:
+        X.export_hf(path, tmp_path / "hf")
+    finally:
+        os.umask(before)
+    # safetensors alone would make model.safetensors 0600: unreadable to the group that shares the export
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in (tmp_path / "hf").iterdir()} == {
+        name: oct(0o666 & ~umask) for name in EXPORTED}
+
+
+def test_the_documented_export_folder_is_ignored_by_git():
+    assert "--out hf/RUN" in X.__doc__ and "/hf/" in (ROOT / ".gitignore").read_text().split()
+
+
 def test_overwrite_never_deletes_the_checkpoint(tmp_path):
     path, _ = tiny_checkpoint(tmp_path / "run")
     for out in (tmp_path / "run", tmp_path):  # the run's folder, or a folder above it

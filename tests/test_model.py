@@ -306,3 +306,21 @@ def test_the_activation_estimate_counts_what_autograd_keeps(kw, autocast):
                                                                                    autocast)
     estimate = m.cfg.activation_bytes(4 * 32, dtype_bytes=2 if autocast else 4) - 4 * 32 * 4 * m.cfg.dim
     assert abs(estimate - grown) / grown < 0.15, (estimate, grown)
+
+
+def test_parameter_and_flop_counts_include_a_learned_bag_combiner(monkeypatch):
+    import tst
+
+    class Scored(torch.nn.Module):  # a combiner with dim + 1 parameters
+        def __init__(self, dim):
+            super().__init__()
+            self.score = torch.nn.Linear(dim, 1)
+
+        def forward(self, vectors, tokens):
+            return vectors.mean(dim=2)
+    cfg = ModelConfig(vocab_size=50, dim=16, n_layers=2, n_heads=2, n_kv_heads=2, ffn_dim=32, max_seq_len=8)
+    assert Transformer(cfg).num_params() == cfg.num_params() == sum(p.numel() for p in Transformer(cfg).parameters())
+    monkeypatch.setattr(tst, "BagCombiner", Scored)
+    m = Transformer(cfg)
+    assert m.num_params() == cfg.num_params() + 17 == sum(p.numel() for p in m.parameters())
+    assert m.flops_per_position(8) == cfg.flops_per_position(8) + 6 * 17

@@ -136,13 +136,14 @@ def torchrun_train(args):
                              str(ROOT / "train.py"), "--", *args],
                             capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
+    return result
 
 
 @pytest.mark.parametrize("signum,torchrun", [(signal.SIGTERM, False), (signal.SIGINT, False), (signal.SIGTERM, True)],
                          ids=["SIGTERM", "Ctrl-C", "SIGTERM-torchrun"])
 def test_a_signal_saves_the_step_reached_and_resume_repeats_the_uninterrupted_run(data_dir, tmp_path, signum,
                                                                                     torchrun):
-    many = dict(max_steps=300, ckpt_interval=1000, eval_interval=1000, r=0.1)  # the switch at step 30
+    many = dict(max_steps=60, ckpt_interval=1000, eval_interval=1000, r=0.1)  # the switch at step 6
     full = tmp_path / "full"
     if torchrun:
         many.update(batch_size=2)
@@ -151,7 +152,7 @@ def test_a_signal_saves_the_step_reached_and_resume_repeats_the_uninterrupted_ru
         train.main(settings(data_dir, full, **many))
     run = tmp_path / "run"
     process = start(settings(data_dir, run, **many), tmp_path, torchrun)
-    wait_for_steps(run, 40, process)
+    wait_for_steps(run, 20, process)
     process.send_signal(signum)
     out, err = process.communicate(timeout=120)
     assert process.returncode != 0, (out, err)
@@ -160,7 +161,7 @@ def test_a_signal_saves_the_step_reached_and_resume_repeats_the_uninterrupted_ru
     found = re.search(r"stopped by (SIG\w+) after step (\d+): saved (\S+); continue with: (.*)", out)
     assert found, out + err
     step = int(found.group(2))
-    assert found.group(1) == signum.name and 40 <= step < 299
+    assert found.group(1) == signum.name and 20 <= step < 59
     assert Path(found.group(3)).name == f"ckpt_{step + 1:07d}.pt" and "--resume=True" in found.group(4)
     assert [r["step"] for r in read_log(run)] == list(range(step + 1))
     if torchrun:
@@ -169,6 +170,128 @@ def test_a_signal_saves_the_step_reached_and_resume_repeats_the_uninterrupted_ru
     else:
         train.main(settings(data_dir, run, resume=True, **many))
     assert same_steps(read_log(run), read_log(full))
+
+
+# A signal during an evaluation: the evaluation is abandoned, the step just finished is saved, and no further step runs
+
+EVAL_SIGNAL = dict(max_steps=12, eval_interval=5, eval_tokens=512, ckpt_interval=100)  # evaluations after steps 2 (the
+# switch), 4, 9 and 11, of 32 rows: 8 forwards of 4 rows in one process, 4 on each of 2
+
+
+def signal_in_evaluation(signum, at, rank=0):
+    """Code that defines counted, a model.chunked_loss whose evaluation forward number `at` (from the first) of this
+    process (of rank `rank`) sends it `signum`, and forwards, their count."""
+    return f"""
+import os, signal, torch, model
+forwards, real_loss = [0], model.chunked_loss
+def counted(*args):
+    if not torch.is_grad_enabled() and int(os.environ.get("RANK", 0)) == {rank}:  # an evaluation's forward
+        forwards[0] += 1
+        if forwards[0] == {at}:
+            os.kill(os.getpid(), {int(signum)})
+    return real_loss(*args)
+"""
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data_dir, tmp_path_factory):
+    """The log of the run that the runs interrupted during an evaluation must repeat."""
+    full = tmp_path_factory.mktemp("full")
+    train.main(settings(data_dir, full, **EVAL_SIGNAL))
+    return read_log(full)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_a_signal_during_an_evaluation_abandons_it_and_saves_the_step_just_finished(data_dir, tmp_path, capsys,
+                                                                                    monkeypatch, signum, uninterrupted):
+    run = tmp_path / "run"
+    patch = {}
+    exec(signal_in_evaluation(signum, at=9), patch)  # the first forward of the evaluation after step 4
+    monkeypatch.setattr(model, "chunked_loss", patch["counted"])
+    started = time.time()
+    with pytest.raises(SystemExit) as stopped:
+        train.main(settings(data_dir, run, **EVAL_SIGNAL))
+    assert stopped.value.code == 128 + signum and time.time() - started < 60
+    assert patch["forwards"] == [9]  # the evaluation's other 7 forwards were not run, nor any later step
+    out = capsys.readouterr().out
+    assert re.search(rf"stopped by {signum.name} after step 4: saved \S+ckpt_0000005.pt; continue with: python \S*"
+                     rf"train.py .*--resume=True", out), out
+    log = read_log(run)
+    assert [r["step"] for r in log] == [0, 1, 2, 3, 4] and "val_loss" in log[2] and "val_loss" not in log[4]
+    assert (run / "ckpt.pt").resolve().name == "ckpt_0000005.pt"
+    monkeypatch.undo()
+    train.main(settings(data_dir, run, resume=True, **EVAL_SIGNAL))
+    assert same_steps(read_log(run), uninterrupted)
+    assert [r.get("val_loss") for r in read_log(run)[5:]] == [r.get("val_loss") for r in uninterrupted[5:]]
+
+
+def run_script(tmp_path, code, args):
+    """train.py under torchrun (2 processes on CPU), `code` run first in each process -> the finished process."""
+    script = tmp_path / "wrapped_train.py"
+    script.write_text(f"import sys\nsys.path.insert(0, {str(ROOT)!r})\n{code}\nimport cli, train\n"
+                      f"cli.run(train.main)\n")
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script), "--", *args], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_a_signal_to_one_rank_during_an_fsdp_evaluation_stops_every_rank_after_that_step(data_dir, tmp_path):
+    """Every rank abandons the evaluation at the same batch (FSDP gathers weights in every forward) and saves the step
+    (a collective); the resumed run's exactness is the one-process test's above."""
+    fsdp = dict(EVAL_SIGNAL, fsdp=True)
+    run = tmp_path / "run"
+    started = time.time()
+    code = signal_in_evaluation(signal.SIGTERM, at=5, rank=0) + "model.chunked_loss = counted\n"
+    result = run_script(tmp_path, code, settings(data_dir, run, **fsdp))
+    assert result.returncode != 0 and time.time() - started < 120, result.stderr[-3000:]
+    found = re.search(r"stopped by SIGTERM after step 4: saved (\S+); continue with: torchrun --nproc_per_node=2 \S*"
+                      r"train.py -- .*--resume=True", result.stdout)
+    assert found, result.stdout + result.stderr[-3000:]
+    assert Path(found.group(1)).name == "ckpt_0000005.pt" and (run / "ckpt_0000005.pt" / "train_state.pt").exists()
+    log = read_log(run)
+    assert [r["step"] for r in log] == [0, 1, 2, 3, 4] and "val_loss" not in log[4]
+    assert not re.search(r"\[rank\d\]: *Traceback", result.stderr), result.stderr[-3000:]  # none of a worker's
+
+
+# A process of a torchrun job killed (SIGKILL: the OOM killer, a node's failure): the survivor says so in one line
+
+KILL = """
+import os, signal, torch.distributed.checkpoint as dcp
+import train
+dies = int(os.environ["RANK"]) == {victim}
+real_save, real_step = dcp.save, train.train_step
+
+def save_and_die(state, checkpoint_id=None, **kwargs):  # under FSDP: dies with its shards of checkpoint 4 half-written
+    if dies and checkpoint_id.name == "ckpt_0000004.tmp":
+        checkpoint_id.mkdir(exist_ok=True)
+        (checkpoint_id / "__{victim}_0.distcp").write_bytes(b"half")
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_save(state, checkpoint_id=checkpoint_id, **kwargs)
+
+def step_and_die(run, step, *args):  # otherwise: dies at the start of step 4
+    if dies and step == 4:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_step(run, step, *args)
+dcp.save, train.train_step = save_and_die, step_and_die
+"""
+
+
+@pytest.mark.parametrize("victim,fsdp,step,newest", [(1, True, 3, 3), (0, False, 4, 4)],
+                         ids=["rank 1 writing its shards (FSDP)", "rank 0 in a step (DDP)"])
+def test_a_killed_rank_leaves_its_survivor_one_line_and_no_partial_checkpoint(data_dir, tmp_path, victim, fsdp, step,
+                                                                               newest):
+    run = tmp_path / "run"
+    started = time.time()
+    result = run_script(tmp_path, KILL.format(victim=victim), settings(data_dir, run, max_steps=8, fsdp=fsdp))
+    assert result.returncode != 0 and time.time() - started < 120, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr[-3000:]
+    assert re.fullmatch(rf"error: rank {victim} of 2 was lost during step {step} \(.+\); rank {1 - victim} stopped "
+                        rf"without saving step {step}: the newest checkpoint is \S+ckpt_{newest:07d}.pt; continue "
+                        rf"from it with: torchrun --nproc_per_node=2 \S*train.py -- .*--resume=True", errors[0]), \
+        errors[0]
+    assert not re.search(r"\[rank\d\]: *Traceback", result.stderr), result.stderr[-3000:]  # none of the survivor's
+    assert not list(run.glob("*.tmp")) and (run / "ckpt.pt").resolve().name == f"ckpt_{newest:07d}.pt"
 
 
 # -----------------------------------------------------------------------------
@@ -322,6 +445,31 @@ def test_every_log_record_goes_to_wandb_when_asked(data_dir, tmp_path, monkeypat
     assert wandb.calls[-1] == ("finish",)
 
 
+class FailingTracker(Recorder):
+    """A stand-in for wandb whose servers go away at step 3."""
+
+    def log(self, record, step):
+        if step == 3:
+            raise ConnectionError("api.wandb.ai is unreachable")
+        super().log(record, step)
+
+
+def test_a_tracker_that_fails_mid_run_saves_the_step_reached_and_says_how_to_continue(data_dir, tmp_path,
+                                                                                      monkeypatch):
+    wandb = FailingTracker()
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    run = tmp_path / "run"
+    with pytest.raises(UserError, match=r"^wandb failed at step 3 \(ConnectionError: api.wandb.ai is unreachable\); "
+                                        r"the run stopped after step 4: saved \S+ckpt_0000005.pt; continue with: "
+                                        r"python \S*train.py .*--resume=True$"):
+        train.main(settings(data_dir, run, ckpt_interval=100, wandb_project="tst-tests"))
+    assert [r["step"] for r in read_log(run)] == [0, 1, 2, 3, 4]  # the step that failed to reach wandb, and one more
+    assert (run / "ckpt.pt").resolve().name == "ckpt_0000005.pt"
+    assert [call[1] for call in wandb.calls if call[0] == "log"] == [0, 1, 2]  # dropped after its failure
+    train.main(settings(data_dir, run, ckpt_interval=100, wandb_project="tst-tests", resume=True))
+    assert [r["step"] for r in read_log(run)] == list(range(10))
+
+
 def test_tensorboard_gets_every_number_of_the_log(data_dir, tmp_path, monkeypatch):
     scalars = []
 
@@ -357,6 +505,7 @@ def test_a_tracker_that_is_not_installed_is_one_line_before_any_step(data_dir, t
 def test_the_console_shows_progress_and_a_baseline_has_no_phase(data_dir, tmp_path, capsys):
     train.main(settings(data_dir, tmp_path / "tst", log_interval=1))
     out = capsys.readouterr().out
+    assert "global batch: 4 rows x 16 positions" in out and "global_batch_tokens=0" not in out  # one process
     assert re.search(r"step  0/10 \| phase 1: s=4, MCE \| loss \d\.\d{4} \|.* pos/s, .* data tok/s \| \d+ ms \| "
                      r"0:\d\d elapsed, ETA 0:\d\d", out), out
     assert "step  3/10 | phase 2 |" in out
@@ -365,3 +514,20 @@ def test_the_console_shows_progress_and_a_baseline_has_no_phase(data_dir, tmp_pa
     assert "step  3/10 | loss" in out and "phase" not in out
     assert "positions_per_sec" in read_log(tmp_path / "baseline")[0] and "tokens_per_sec" not in read_log(
         tmp_path / "baseline")[0]
+
+
+def test_a_clean_ddp_run_warns_nothing_and_says_that_its_global_batch_grows_with_the_processes(data_dir, tmp_path):
+    result = torchrun_train(settings(data_dir, tmp_path / "run", max_steps=2))
+    assert "Warning" not in result.stderr, result.stderr  # DDP's own FutureWarning about broadcast_buffers was
+    assert "global batch: 8 rows x 16 positions = 128 positions per step (2 process(es) x 1 micro-step(s) x 4 rows)" \
+        in result.stdout
+    assert ("global_batch_tokens=0: the global batch is 2 processes x the one-process batch (4 rows x 16 positions), "
+            "so it grows with the process count; global_batch_tokens=N keeps it at N positions per step") \
+        in result.stdout
+
+
+def test_the_start_up_lines_include_the_notes_on_settings_that_quietly_train_a_baseline(data_dir, tmp_path, capsys,
+                                                                                        monkeypatch):
+    monkeypatch.setattr(train_config, "notes", lambda config: [f"note: s={config['s']} here"])
+    train.main(settings(data_dir, tmp_path / "run", max_steps=1, warmup_steps=0))
+    assert "\nnote: s=4 here\n" in capsys.readouterr().out

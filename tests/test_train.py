@@ -181,12 +181,12 @@ def test_a_nan_loss_before_any_checkpoint_does_not_mention_one(data_dir, tmp_pat
     ("--bag_weights=['a','b','c','d']", "bag_weights=['a', 'b', 'c', 'd']: an explicit list needs s=4 numbers"),
     ("--s_schedule=[('a', 4)]", "s_schedule=[('a', 4)]: each stage is a pair (end_fraction, s) of a number"),
     # and these were accepted
-    ("--batch_size=True", "batch_size=True is a bool, but batch_size takes a int"),
+    ("--batch_size=True", "batch_size=True is a bool, but batch_size takes an int"),
     ("--n_layers=-1", "n_layers=-1: must be >= 1"),
     ("--dim=0", "dim=0: must be >= 1"),
     ("--weight_decay=-1.0", "weight_decay=-1.0: must be a number >= 0"),
     ("--global_batch_tokens=-2048", "global_batch_tokens=-2048: must be >= 0"),
-    ("--compile=1", "compile=1 is a int, but compile takes a bool"),
+    ("--compile=1", "compile=1 is an int, but compile takes a bool"),
     ("--init_weights_only=True", "init_weights_only=True needs init_from"),
     ("--bag_loss=sum", "bag_loss='sum': use one of mce, sum_to_one"),
 ])
@@ -330,8 +330,8 @@ class AttentionPooling(torch.nn.Module):
         super().__init__()
         self.score = torch.nn.Linear(dim, 1, bias=True)
 
-    def forward(self, vectors):  # (B, T, s, dim) -> (B, T, dim)
-        weights = self.score(vectors).float().softmax(dim=2)
+    def forward(self, vectors, tokens):  # (B, T, s, dim), which are tokens (not padding) (B, T, s) -> (B, T, dim)
+        weights = self.score(vectors).float().masked_fill(~tokens[..., None], float("-inf")).softmax(dim=2)
         return (weights * vectors.float()).sum(dim=2).to(vectors.dtype)
 """
 
@@ -621,3 +621,24 @@ def test_deleting_the_marked_lines_leaves_exactly_the_baseline_trainer_and_worki
     assert "fork_run" in run_copy(fork, [tmp_path / "fork_run", "--baseline", tmp_path / "baseline", "--out", tmp_path / "plots"],
                                   "tools/compare.py")
     assert "total: 4 steps" in run_copy(fork, args, "tools/plan.py")
+
+
+def test_document_aware_bags_count_only_real_tokens_and_resume_exactly(tmp_path):
+    import prepare
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i in range(300):  # short documents: most bags of 4 bytes hold an end of text now and then
+        (docs / f"{i:03d}.txt").write_text(f"doc {i} " + "ab" * (i % 7))
+    prepare.prepare(str(docs / "*.txt"), "bytes", tmp_path / "data", val_tokens=600, num_proc=1)
+    full = tmp_path / "full"
+    train.main(settings(tmp_path / "data", full, doc_bags=True, r=0.5))
+    log = read_log(full)
+    read = [b["data_tokens"] - a["data_tokens"] for a, b in zip([{"data_tokens": 0}] + log, log)]
+    assert all(0 < n < 4 * 4 * 16 for n in read[:5])  # phase 1: the padding after each end of text is not counted
+    assert read[5:] == [4 * 16] * 5
+    plain = tmp_path / "plain"
+    train.main(settings(tmp_path / "data", plain, r=0.5))
+    assert read_log(plain)[0]["loss"] != log[0]["loss"] and read_log(plain)[0]["data_tokens"] == 4 * 4 * 16
+    resumed = resume_from(tmp_path / "data", full, 3, tmp_path / "resumed", doc_bags=True, r=0.5)
+    keys = ("step", "loss", "grad_norm", "data_tokens")
+    assert [{k: r[k] for k in keys} for r in resumed] == [{k: r[k] for k in keys} for r in log]

@@ -65,7 +65,7 @@ def test_bag_targets_with_s_1_is_the_identity():
 
 
 def combine(vectors):
-    return tst.BagCombiner(vectors.size(-1))(vectors)
+    return tst.BagCombiner(vectors.size(-1))(vectors, torch.ones(vectors.shape[:-1], dtype=torch.bool))
 
 
 def test_the_bag_combiner_is_the_mean_of_the_bag():
@@ -348,3 +348,58 @@ def test_sum_to_one_is_never_negative_and_at_most_the_mce():
     assert ours >= 0
     # -log sum P <= min_i -log P(y_i) <= the mean of the -log P(y_i): below MCE position by position
     assert ours <= tst.mce_loss(logits, targets, tst.bag_weights(4))
+
+
+# -----------------------------------------------------------------------------
+# Document-aware bags (doc_bags): no bag holds tokens of two documents
+
+EOT = 0
+
+
+def test_after_an_end_of_text_the_rest_of_the_bag_is_padding_and_no_bag_mixes_documents():
+    bags = torch.tensor([[[5, 0, 7, 8], [0, 9, 0, 3], [4, 5, 6, 0]]])
+    padded = tst.pad_after_end_of_text(bags, EOT)
+    P = tst.IGNORE_INDEX
+    assert padded.tolist() == [[[5, 0, P, P], [0, P, P, P], [4, 5, 6, 0]]]
+    torch.manual_seed(0)
+    rows = torch.randint(0, 6, (8, 4 * 16 + 1))  # an end of text in one token of six
+    x, _, _ = tst.Stage(0, 1, 4, eot=EOT).batch(rows[:, :-1], rows[:, 1:])
+    for bag in x.flatten(0, 1).tolist():
+        tokens = [t for t in bag if t >= 0]
+        assert tokens and EOT not in tokens[:-1]  # one document each: an end of text only as its last token
+        assert bag[:len(tokens)] == tokens  # padding only at the end
+    # the bags are the row's, cut at the ends of text: every token kept is where it was
+    assert torch.equal(x[x >= 0], tst.fold(rows[:, :-1], 4)[x >= 0])
+
+
+def test_padding_changes_neither_the_bag_mean_nor_the_loss():
+    torch.manual_seed(1)
+    emb = torch.nn.Embedding(10, 6)
+    bags = torch.tensor([[[5, 0, 7, 8], [3, 4, 0, 9]]])
+    padded = tst.pad_after_end_of_text(bags, EOT)
+    mean = tst.BagCombiner(6)(emb(padded.clamp(min=0)), padded >= 0)
+    torch.testing.assert_close(mean[0, 0], emb.weight[[5, 0]].mean(0))  # the mean of the tokens before the padding
+    torch.testing.assert_close(mean[0, 1], emb.weight[[3, 4, 0]].mean(0))
+
+    # the loss: a padded target is not scored, as if the bag had only its real tokens
+    rows = torch.tensor([[1, 2, 3, 4, 5, 0, 7, 8, 9, 2, 3, 4, 6]])  # bags (1 2 3 4) (5 0 7 8) (9 2 3 4), then 6
+    x, targets, loss_fn = tst.Stage(0, 1, 4, weights=(0.25,) * 4, eot=EOT).batch(rows[:, :-1], rows[:, 1:])
+    P = tst.IGNORE_INDEX
+    assert targets.tolist() == [[[5, 0, P, P], [9, 2, 3, 4], [6, P, P, P]]]
+    logits = torch.randn(3, 10)
+    plain = tst.Stage(0, 1, 4, weights=(0.25,) * 4)
+    _, plain_targets, plain_loss = plain.batch(rows[:, :-1], rows[:, 1:])
+    by_hand = sum(F.cross_entropy(logits[j:j + 1], torch.tensor([t]), reduction="sum") / n
+                  for j, bag in enumerate(targets[0].tolist()) for t, n in zip(bag, [3, 2, 1, 1]) if t != P) / 4
+    # columns 0..3 of the targets hold 3, 2, 1 and 1 scored targets; MCE is the weighted mean of their means
+    torch.testing.assert_close(loss_fn(logits, targets.flatten(0, 1)), by_hand)
+    assert not torch.equal(loss_fn(logits, targets.flatten(0, 1)), plain_loss(logits, plain_targets.flatten(0, 1)))
+    assert tst.Stage.padding(x) == 2  # read from the corpus, not trained on
+
+
+def test_doc_bags_takes_the_end_of_text_id_from_the_data():
+    schedule = tst.Schedule(settings(s=4, r=0.5, max_steps=10, doc_bags=True), {"eot": 256})
+    assert schedule.stage(0).eot == 256 and schedule.stage(9).eot is None
+    assert tst.Schedule(settings(s=4, r=0.5, max_steps=10), {"eot": 256}).stage(0).eot is None
+    with pytest.raises(ValueError, match="doc_bags=True with tst_mode='output'"):
+        tst.check(settings(s=4, r=0.5, max_steps=10, doc_bags=True, tst_mode="output"))

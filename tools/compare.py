@@ -44,14 +44,7 @@ def load_run(folder):
     for name in ("config.json", "log.jsonl"):
         if not (folder / name).is_file():
             raise UserError(f"{folder}: no {name}; a run folder is a train.py out_dir (config.json and log.jsonl)")
-    try:
-        config = json.loads((folder / "config.json").read_text())
-        problem = "" if isinstance(config, dict) and "max_steps" in config else "it has no max_steps"
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        problem = f"{type(e).__name__}: {e}"
-    if problem:
-        raise UserError(f"{folder / 'config.json'} is damaged ({problem}): train.py writes it at the start of a run; "
-                        f"restore it, or write it from a checkpoint (its train state holds the config)")
+    config = read_config(folder)
     log = read_log(folder / "log.jsonl")
     evals = [(r["step"] + 1, r["data_tokens"], r["val_loss"]) for r in log if "val_loss" in r]
     if not evals:
@@ -72,6 +65,19 @@ def load_run(folder):
                     if (r.get("phase"), r.get("s")) != (before.get("phase"), before.get("s"))],
         final_val=evals[-1][2], full_split_val=full_split_loss(folder, steps),
         data_tokens=log[-1]["data_tokens"], positions=log[-1]["positions"], wall=sum(r["dt"] for r in log))
+
+
+def read_config(folder):
+    """A run's config.json, which must be an object with max_steps; a UserError names a damaged one."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+        problem = "" if isinstance(config, dict) and "max_steps" in config else "it has no max_steps"
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        problem = f"{type(e).__name__}: {e}"
+    if problem:
+        raise UserError(f"{folder / 'config.json'} is damaged ({problem}): train.py writes it at the start of a run; "
+                        f"restore it, or write it from a checkpoint (its train state holds the config)")
+    return config
 
 
 def read_log(path):
@@ -382,8 +388,7 @@ def run_state(out_dir):
     records = read_log(log) if log.is_file() else []
     if not records:
         return "new"
-    max_steps = json.loads((out_dir / "config.json").read_text())["max_steps"]
-    if records[-1]["step"] == max_steps - 1:
+    if records[-1]["step"] == read_config(out_dir)["max_steps"] - 1:
         return "done"
     if (out_dir / "ckpt.pt").exists():
         return "resume"

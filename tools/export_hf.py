@@ -176,6 +176,8 @@ def export_hf(ckpt_path, out_dir, overwrite=False):
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(config, f, indent=1)
     save_file(weights, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    # safetensors writes a private (0600) file; give it the mode open() gave config.json under the user's umask
+    os.chmod(os.path.join(out_dir, "model.safetensors"), os.stat(os.path.join(out_dir, "config.json")).st_mode & 0o777)
     save_tokenizer(tok, out_dir, model.cfg.max_seq_len)
     return config["architectures"][0]
 

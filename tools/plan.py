@@ -43,12 +43,12 @@ def plan(config, world):
     settings.check(config, world)
     cfg = ModelConfig(**{k: config[k] for k in settings.MODEL_KEYS})
     with torch.device("meta"):
-        n = sum(p.numel() for p in Transformer(cfg).parameters())
-    active, T, B = cfg.num_params(active=True), config["seq_len"], config["batch_size"]
+        model = Transformer(cfg)  # what train.py builds, the combiner of bags included
+    n, active, T, B = model.num_params(), model.num_params(active=True), config["seq_len"], config["batch_size"]
     grad_accum = max(1, config["global_batch_tokens"] // (B * T * world))
     rows = B * grad_accum * world
-    per_position = cfg.flops_per_position(T)
-    print(f"model: {n:,} parameters ({cfg.num_params(embedding=False):,} non-embedding"
+    per_position = model.flops_per_position(T)
+    print(f"model: {n:,} parameters ({model.num_params(embedding=False):,} non-embedding"
           + (f", {active:,} active per position" if active != n else "") + f"); {per_position / 1e9:.3f} GFLOP per "
           f"position at T={T}, {per_position * rows * T:.3e} FLOP per step")
     print(f"batch: {rows:,} rows x {T} positions = {rows * T:,} positions per step ({world} process(es) x {B} rows x "
