@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 shared=${TST_SHARED_DATA:-../shared/data}
 export TIKTOKEN_CACHE_DIR=${TIKTOKEN_CACHE_DIR:-$shared/tiktoken_cache}
 if [ ! -f data/books_gpt2/meta.json ]; then
-    python data.py --source "$shared/corpus/train.jsonl.xz" --tokenizer gpt2 --out_dir data/books_gpt2
+    python prepare.py --source "$shared/corpus/train.jsonl.xz" --tokenizer gpt2 --out_dir data/books_gpt2
 fi
 # s and r as in config/books_tst.py; the sweep's baseline is that config with s=1, r=0: books_baseline.py
 python tools/compare.py sweep --config config/books_tst.py --s 2 --r 0.25 --out_root runs/books --full_split_eval "$@"

@@ -17,7 +17,7 @@ rope_theta = 500000.0
 max_seq_len = 2048
 
 seq_len = 2048
-batch_size = 16  # rows per GPU per micro-step (--plan estimates the memory); accumulation fills the 2M-token batch
+batch_size = 16  # rows per GPU per micro-step (tools/plan.py estimates the memory); accumulation fills the 2M-token batch
 global_batch_tokens = 2097152  # 1024 rows of 2048 positions
 max_steps = 20000
 lr = 2e-3

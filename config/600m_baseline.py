@@ -9,5 +9,5 @@ n_layers = 32
 n_heads = 15
 n_kv_heads = 15
 ffn_dim = 2560
-batch_size = 8  # rows per GPU per micro-step (--plan estimates the memory)
+batch_size = 8  # rows per GPU per micro-step (tools/plan.py estimates the memory)
 lr = 1e-3
