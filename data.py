@@ -30,7 +30,6 @@ from pathlib import Path
 
 import numpy as np
 import tiktoken
-import tiktoken.load
 
 import cli
 from cli import UserError
@@ -123,21 +122,16 @@ def known_ids(name):
         n = len(Path(path).read_bytes().splitlines())
         return {"vocab_size": n + len(LLAMA3_SPECIALS), "eot": n + LLAMA3_SPECIALS.index("<|end_of_text|>"),
                 "bos": n + LLAMA3_SPECIALS.index("<|begin_of_text|>")}
-    if name not in tiktoken.list_encoding_names():
-        return None  # no tokenizer of ours (a folder made by hand)
-    # tiktoken downloads an encoding missing from its cache: not for a check, which must never wait on a network
-    download, tiktoken.load.read_file = tiktoken.load.read_file, _no_download
-    try:
-        enc = tiktoken.get_encoding(name)
-        return {"vocab_size": enc.n_vocab, "eot": enc.eot_token, "bos": None}
-    except OSError:
-        return None
-    finally:
-        tiktoken.load.read_file = download
+    if name in TIKTOKEN_IDS:  # known without its file, which may not be in tiktoken's cache here
+        return dict(zip(("vocab_size", "eot", "bos"), TIKTOKEN_IDS[name] + (None,)))
+    return None  # no tokenizer of ours (a folder made by hand)
 
 
-def _no_download(url):
-    raise OSError(f"{url} is not in tiktoken's cache")
+# tiktoken's encodings: (ids, end-of-text id), as tiktoken 0.12 builds them; tests/test_data.py checks them where the
+# encodings load
+TIKTOKEN_IDS = {"gpt2": (50257, 50256), "r50k_base": (50257, 50256), "p50k_base": (50281, 50256),
+                "p50k_edit": (50284, 50256), "cl100k_base": (100277, 100257), "o200k_base": (200019, 199999),
+                "o200k_harmony": (201088, 199999)}
 
 
 # -----------------------------------------------------------------------------

@@ -121,8 +121,15 @@ def test_a_tokenizers_ids_are_known_where_that_is_cheap_and_needs_no_network(tmp
     monkeypatch.setattr(requests, "get", download)
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "empty_cache"))
     monkeypatch.setattr(data.tiktoken.registry, "ENCODINGS", {})  # none loaded yet in this process
-    original = data.tiktoken.load.read_file
-    assert data.known_ids("cl100k_base") is None and data.tiktoken.load.read_file is original
+    # known without the encoding's file: a folder's meta.json is checked even where tiktoken's cache is empty
+    assert data.known_ids("cl100k_base") == {"vocab_size": 100277, "eot": 100257, "bos": None}
+
+
+def test_the_tiktoken_ids_known_without_their_files_are_tiktokens(shared_data, monkeypatch):
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(shared_data / "tiktoken_cache"))
+    for name, (n_vocab, eot) in data.TIKTOKEN_IDS.items():
+        enc = data.tiktoken.get_encoding(name)
+        assert (enc.n_vocab, enc.eot_token) == (n_vocab, eot), name
 
 
 def test_a_vocabulary_over_uint16_gets_uint32_shards(shared_data, monkeypatch, tmp_path):
