@@ -32,8 +32,8 @@ section(
 )
 section(
     "data: a folder of shards written by prepare.py, which records its tokenizer",
-    data_dir=("data/stdlib_bytes", "the prepared data folder"),
-    data_source=("stdlib", "what prepare.py makes data_dir from; only stdlib is prepared by train.py itself"),
+    data_dir=("data/books_bytes", "the prepared data folder"),
+    data_source=("books", "what prepare.py makes data_dir from; books and stdlib are prepared by train.py itself"),
     tokenizer=("bytes", "must be the one data_dir was prepared with"),
 )
 section(

@@ -2,7 +2,7 @@
 Data for training: the tokenizers, a prepared data folder (its token shards and meta.json, checked), and the rows both
 TST phases train on (TokenLoader) and are evaluated on (validation_rows). prepare.py writes the folders:
 
-    python prepare.py --source stdlib --tokenizer bytes --out_dir data/stdlib_bytes
+    python prepare.py --source books --tokenizer bytes --out_dir data/books_bytes
 
 Shard OUT_DIR/{split}_{index:06d}.bin: a 24-byte little-endian header (b"TSTTOKEN", uint32 format version, uint32 bytes
 per token: 2 or 4, uint64 token count), then the tokens, little-endian; meta.json lists the shards (each with its
@@ -367,7 +367,7 @@ class TokenLoader:
     """Rows for every stage from one split, each from its own place in it, as the module docstring describes.
 
     tokens: the split's size; window: the tokens of a window, a multiple of every row length asked for; windows: how
-    many the split holds; epoch: passes begun after the first, announced on rank 0; vocab_size: from meta.json.
+    many the split holds; epoch: passes begun after the first, announced on rank 0; meta: the folder's meta.json.
     """
 
     def __init__(self, data_dir, split, batch_size, *, window, seed=0, rank=0, world_size=1):
@@ -375,8 +375,7 @@ class TokenLoader:
             raise ValueError(f"rank {rank} is not in 0..world_size-1 = 0..{world_size - 1}")
         self.data_dir, self.split, self.batch_size, self.window = Path(data_dir), split, batch_size, window
         self.seed, self.rank, self.world_size = seed, rank, world_size
-        meta, shards, self._fix = _split_shards(data_dir, split)
-        self.vocab_size = meta["vocab_size"]
+        self.meta, shards, self._fix = _split_shards(data_dir, split)
         self._files = [self.data_dir / s["file"] for s in shards]
         self.tokens = sum(s["tokens"] for s in shards)
         # shard i holds windows _first[i] .. _first[i + 1] - 1: `window` tokens each, and the token after the last
@@ -407,7 +406,7 @@ class TokenLoader:
             # the shard is mapped for each read rather than kept open: thousands of shards need no file-handle
             # limit, and the pages read are not charged to this process for the whole run
             tokens = read_shard(self._files[shard])[start:start + L + 1]
-            _check_ids(tokens, self._files[shard], start, self.vocab_size, self._fix)
+            _check_ids(tokens, self._files[shard], start, self.meta["vocab_size"], self._fix)
             rows[i] = tokens
         import torch  # here, not at the top: preparing data needs no torch, whose import takes seconds
         return torch.from_numpy(rows)

@@ -109,6 +109,11 @@ def banner(run):
         print(f"global_batch_tokens=0: the global batch is {run.world} processes x the one-process batch "
               f"({config['batch_size']} rows x {T} positions), so it grows with the process count; "
               f"global_batch_tokens=N keeps it at N positions per step, whatever the count")
+    meta = run.loader.meta
+    corpus = meta.get("corpus", {})  # its fingerprint, from prepare.py
+    print(f"data: {config['data_dir']}, {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens of "
+          f"{meta['source']!r} ({corpus.get('documents', 0):,} documents, {corpus.get('bytes', 0):,} bytes, sha256 "
+          f"{corpus.get('sha256', '?')[:16]}), tokenizer {meta['tokenizer']!r}")
     for line in settings.notes(config):  # settings that quietly train another run than they suggest (a baseline)
         print(line)
     print(run.schedule.describe(T))  # TST

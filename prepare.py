@@ -1,7 +1,7 @@
 """
 Corpus preparation: text corpora -> the token shards and meta.json of a data folder, which data.py reads for training.
 
-    python prepare.py --source stdlib --tokenizer bytes --out_dir data/stdlib_bytes
+    python prepare.py --source books --tokenizer bytes --out_dir data/books_bytes
     python prepare.py --source dclm --tokenizer llama3:tokenizer.model --out_dir data/dclm --max_tokens 105e9
 
 `python prepare.py --help` lists the sources and tokenizers. The first documents (at least --val_tokens tokens) become
@@ -11,8 +11,7 @@ then BOS where the tokenizer has one.
 
 A folder has one preparation at a time (it holds OUT_DIR/prepare.lock). SIGTERM, SIGHUP, Ctrl-C or a full disk stop
 it, and its tokenizer processes, leaving whole shards only. meta.json (format 2) records the corpus read: {"documents",
-"bytes": their UTF-8 bytes, "sha256": of their text end to end, in order}; a resumed preparation reads again the
-documents it skips, into the same fingerprint.
+"bytes" (UTF-8), "sha256" (of their text end to end)}; a folder of format 1, which did not, is prepared again.
 """
 
 import argparse
@@ -50,7 +49,8 @@ from cli import UserError
 # Sources: each is an iterator over documents (str), checked when it is opened, before any document is read
 
 HF_NAMED = {"dclm": "mlfoundations/dclm-baseline-1.0", "fineweb-edu": "HuggingFaceFW/fineweb-edu"}
-SOURCE_HELP = ("a SOURCE is stdlib, dclm, fineweb-edu[:CONFIG], hf:NAME[:CONFIG], a glob of local files, "
+BOOKS = Path(__file__).with_name("corpus") / "books.jsonl.xz"  # in the repository: see corpus/README.md
+SOURCE_HELP = ("a SOURCE is books, stdlib, dclm, fineweb-edu[:CONFIG], hf:NAME[:CONFIG], a glob of local files, "
                "or a mix W*SOURCE,W*SOURCE,...")
 WEIGHTED = re.compile(r"^(\d+\.?\d*|\.\d+)\*(.+)$")
 COMPRESSED = r"\.(gz|xz|bz2|zst|zstd)$"
@@ -72,6 +72,8 @@ def _documents(source, text_field="text"):
 
 
 def _open_source(spec, text_field):
+    if spec == "books":  # read here, not through datasets: the quick start needs nothing but the standard library
+        return (json.loads(line)["text"] for line in lzma.open(BOOKS, "rt", encoding="utf-8"))
     if spec == "stdlib":
         return _stdlib_documents()
     name, _, config = spec.partition(":")
@@ -104,8 +106,7 @@ def _stdlib_documents():
     for folder, subfolders, names in os.walk(root):
         subfolders[:] = [s for s in subfolders if s not in ("site-packages", "dist-packages")]
         files += [os.path.relpath(os.path.join(folder, n), root) for n in names if n.endswith(".py")]
-    # a fixed shuffle (by hash of the path) rather than alphabetical order, so that the first files, which become
-    # the validation split, are a fair sample of the library and not just its private modules
+    # shuffled by a hash of the path, so that the first files, the val split, are a fair sample, not private modules
     files.sort(key=lambda f: hashlib.sha1(f.replace(os.sep, "/").encode()).hexdigest())
     return (Path(root, f).read_text("utf-8", errors="replace") for f in files)
 
@@ -184,9 +185,7 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
 
 class Stopped(SystemExit):
-    """SIGTERM or SIGHUP, raised in the main thread as Ctrl-C raises KeyboardInterrupt, rather than ending the process
-    at once: the preparation unwinds (no half-written file, its tokenizer processes sent away) and the process exits
-    with 128 + the signal's number."""
+    """SIGTERM or SIGHUP, raised as Ctrl-C raises KeyboardInterrupt, so that the preparation unwinds; exit 128 + it."""
 
 
 def prepare(source, tokenizer, out_dir, *, val_tokens=1_000_000, shard_tokens=100_000_000, max_tokens=None,
@@ -243,7 +242,6 @@ def _prepare(all_documents, tok, out_dir, settings, max_tokens, num_proc):
     if meta["done"] and (meta["exhausted"] or max_tokens is not None and meta["train_tokens"] >= max_tokens):
         print(f"{out_dir}: already prepared: {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens")
         return meta
-
     t0 = shown = time.time()
     tty = sys.stdout.isatty()  # a terminal: one progress line, redrawn each second after "\r"; a log: a line a minute
     before = meta["train_tokens"] + meta["val_tokens"]
@@ -336,9 +334,8 @@ def _only_preparation_of(out_dir):
 
 @contextlib.contextmanager
 def _stop_on_signals():
-    """Within: SIGTERM or SIGHUP raises Stopped, once (a second one while it unwinds is ignored), where its default
-    would end this process at once and leave its tokenizer processes waiting for work forever. A caller with handlers
-    of its own, or off the main thread, keeps its way."""
+    """Within: SIGTERM or SIGHUP raises Stopped (once), where its default would end this process at once and leave its
+    tokenizer processes waiting forever; a caller's own handlers, or a thread other than the main one, keep theirs."""
     def stop(signum, frame):
         for s in ours:
             signal.signal(s, signal.SIG_IGN)
@@ -361,6 +358,11 @@ def _resume(out_dir, settings):
         return {"version": data.VERSION, "format": data.FORMAT, **settings, "docs": 0, "train_tokens": 0,
                 "val_tokens": 0, "shards": [], "done": False, "exhausted": False}
     meta = data.read_meta(path)
+    if meta.get("format", 1) < data.FORMAT:  # it did not record the corpus it read: prepare the folder again
+        print(f"{out_dir} was prepared by an older prepare.py (format 1): preparing it again")
+        for name in [shard["file"] for shard in meta["shards"]] + ["meta.json"]:
+            (out_dir / name).unlink(missing_ok=True)
+        return _resume(out_dir, settings)
     changed = {k: (meta.get(k), v) for k, v in settings.items() if meta.get(k) != v}
     if changed:
         raise UserError(f"{out_dir} holds data prepared with other settings {changed} (there, here; val_target is "
@@ -395,11 +397,9 @@ def _batches(documents):
 
 def _encode(batches, tok, dtype, num_proc):
     """(text, token array) of each document, in order, tokenized by num_proc processes."""
-    # concurrent.futures, not multiprocessing.Pool, which can hang: leaving `with Pool` early (--max_tokens) kills the
-    # workers while the pool's thread may be part way through sending one a task, several pipe buffers long, which
-    # then waits forever for a reader, and the pool for it; and a Pool waits forever for the task of a worker that
-    # died. The executor finishes the tasks it has sent before it stops, and fails those of a worker that died.
-    # The workers get the tokenizer built and checked here, so that no worker fails to start.
+    # concurrent.futures, not multiprocessing.Pool, which can hang: leaving a Pool early (--max_tokens) may kill a
+    # worker as the pool's thread sends it a long task, and a Pool waits forever for the task of a worker that died;
+    # the executor fails those. The workers get the tokenizer built and checked here, so that none fails to start.
     with concurrent.futures.ProcessPoolExecutor(num_proc, initializer=_start_worker,
                                                 initargs=(tok, data.DTYPES[dtype], os.getpid())) as pool:
         pending = collections.deque()  # bounded, rather than pool.map, which would read a streamed corpus far ahead
@@ -424,9 +424,8 @@ def _encode(batches, tok, dtype, num_proc):
 def _start_worker(tok, dtype, parent):
     global _worker
     _worker = tok, dtype
-    # Stopping is the parent's: on Ctrl-C (which a terminal sends the whole process group) or SIGTERM it unwinds and
-    # sends the pool away. Should it die at once (SIGKILL, the OOM killer), these die with it (Linux's
-    # PR_SET_PDEATHSIG) rather than wait for work forever.
+    # Stopping is the parent's: on Ctrl-C (sent to the whole process group) or SIGTERM it unwinds and sends the pool
+    # away; should it die at once (SIGKILL, OOM), these die with it (PR_SET_PDEATHSIG) rather than wait forever.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     for s in STOP_SIGNALS:
         signal.signal(s, signal.SIG_DFL)
@@ -449,7 +448,7 @@ def _finish_shard(out_dir, meta, split, tokens):
     meta["shards"].append({"file": name, "split": split, "tokens": len(tokens), "docs_end": meta["docs"],
                            "max_id": int(tokens.max(initial=0))})
     # no meta.json before the first train shard: a preparation that fails sooner (a source too small for
-    # --val_tokens, an interruption) does not tie the folder to its settings, and a re-run starts afresh
+    # --val_tokens, an interruption) leaves a folder that a re-run with any settings starts afresh
     if split == "train":
         _write_meta(out_dir, meta)
 
@@ -476,10 +475,11 @@ def count(text):
 def main(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", required=True, help=(
-        "stdlib (the .py files of this Python's standard library: offline, one document per file), dclm, "
-        "fineweb-edu[:CONFIG] (e.g. sample-10BT), hf:NAME[:CONFIG] (any Hugging Face dataset: its train split, "
-        "streamed), a glob of local files in quotes (*.jsonl, *.json, *.parquet, optionally .gz/.xz/.bz2/.zst, read "
-        "through datasets; any other file is one document) or a mix by weight of characters, W*SOURCE,W*SOURCE,..."))
+        "books (29 public-domain books in corpus/, offline), stdlib (this Python's standard library, offline, not the "
+        "same in every Python), dclm, fineweb-edu[:CONFIG] (e.g. sample-10BT), hf:NAME[:CONFIG] (a Hugging Face "
+        "dataset's train split, streamed), a glob of local files in quotes (*.jsonl, *.json, *.parquet, optionally "
+        ".gz/.xz/.bz2/.zst, read through datasets; any other file is one document) or a mix by weight of characters, "
+        "W*SOURCE,W*SOURCE,..."))
     parser.add_argument("--tokenizer", required=True, help=(
         "bytes (offline), a tiktoken encoding: gpt2, cl100k_base, o200k_base (downloaded once into "
         "$TIKTOKEN_CACHE_DIR), or llama3:PATH (Llama 3's original tokenizer.model)"))

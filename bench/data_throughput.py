@@ -2,9 +2,9 @@
 Is TokenLoader ever the bottleneck? Rows per second in both TST phases at the 270M shape (T = 2048, s = 6: rows of
 2049 and 12289 tokens, pieces of windows of 12288), against the rows per second one H200 consumes at that shape.
 
-    python bench/data_throughput.py [--data_dir data/stdlib_bytes] [--batch_size 16] [--seconds 3]
+    python bench/data_throughput.py [--data_dir data/books_bytes] [--batch_size 16] [--seconds 3]
 
-Prepares the stdlib corpus into --data_dir first if it holds no data. A row is L + 1 tokens from its own place in the
+Prepares the books corpus (corpus/) into --data_dir first if it holds no data. A row is L + 1 tokens from its own place in the
 split (data.py's docstring), its ids checked against the vocabulary as they are read. The shards are read from the
 page cache after the first pass, as on a training node whose data fits in memory; from disk, phase 1 needs about
 rows/s * 12289 * 2 bytes (uint16) or * 4 (uint32) per second, a few MB/s, in reads of one row each.
@@ -26,12 +26,12 @@ T, S = 2048, 6
 H200_PEAK, MFU = 989e12, 0.4  # dense bf16 FLOP/s, and a good utilisation for a model this small
 
 parser = argparse.ArgumentParser()
-parser.add_argument("--data_dir", default="data/stdlib_bytes")
+parser.add_argument("--data_dir", default="data/books_bytes")
 parser.add_argument("--batch_size", type=int, default=16)
 parser.add_argument("--seconds", type=float, default=3.0)
 args = parser.parse_args()
 if not (Path(args.data_dir) / "meta.json").exists():
-    prepare.prepare("stdlib", "bytes", args.data_dir)
+    prepare.prepare("books", "bytes", args.data_dir)
 
 flops = NAMED_SHAPES["270m"].flops_per_position(T)
 positions = MFU * H200_PEAK / flops

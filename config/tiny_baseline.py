@@ -1,8 +1,8 @@
-# The tiny offline baseline: a 4-layer byte-level model on the bytes of Python's standard library.
-# Runs on a CPU in minutes; nothing is downloaded (train.py prepares data/stdlib_bytes on first use).
+# The tiny offline baseline: a 4-layer byte-level model on the bytes of 29 public-domain books (corpus/).
+# Runs on a CPU in minutes; nothing is downloaded (train.py prepares data/books_bytes on first use).
 out_dir = "out/tiny_baseline"
-data_dir = "data/stdlib_bytes"
-data_source = "stdlib"
+data_dir = "data/books_bytes"
+data_source = "books"
 tokenizer = "bytes"
 
 dim = 128

@@ -1,10 +1,10 @@
-# A mixture-of-experts TST run small enough for a laptop CPU: bytes of the Python standard library, 2 layers of
+# A mixture-of-experts TST run small enough for a laptop CPU: bytes of the repository's books (corpus/), 2 layers of
 # width 64 with QK-norm, 8 experts of 64 with top-2 (Qwen3-MoE's layout, so tools/export_hf.py exports it), bags of
 # s = 4 for the first 30% of 300 steps. Its many small matmuls run best on one thread:
 #   OMP_NUM_THREADS=1 python train.py config/tiny_moe_tst.py
 out_dir = "out/tiny_moe_tst"
-data_dir = "data/stdlib_bytes"
-data_source = "stdlib"
+data_dir = "data/books_bytes"
+data_source = "books"
 tokenizer = "bytes"
 vocab_size = 0  # from the data (bytes)
 

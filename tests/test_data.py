@@ -10,6 +10,7 @@ import gzip
 import hashlib
 import itertools
 import json
+import lzma
 import multiprocessing
 import os
 import random
@@ -188,6 +189,36 @@ def test_progress_is_whole_lines_in_a_log_and_one_redrawn_line_on_a_terminal(tmp
     progress = [line for line in out.split("\n") if " documents, " in line]
     assert len(progress) == (1 if tty else 20)  # a log: one line per update (each after 100 s), each its own line
     assert ("\r" in out) == tty and progress[0].count("\r") == (20 if tty else 0)
+
+
+def test_the_books_are_the_corpus_their_readme_lists_and_prepare_alike_everywhere(tmp_path):
+    readme = (ROOT / "corpus" / "README.md").read_text()
+    listed = re.findall(r"^\| \d+ \| (val|train) \| .* \| ([\d,]+) \| .* \| `([0-9a-f]{16})` \|$", readme, re.M)
+    texts = [json.loads(line)["text"].encode() for line in lzma.open(prepare.BOOKS, "rt", encoding="utf-8")]
+    assert len(listed) == len(texts) == 29
+    for (split, size, sha256), text in zip(listed, texts):
+        assert int(size.replace(",", "")) == len(text) and hashlib.sha256(text).hexdigest().startswith(sha256)
+    meta = prepare.prepare("books", "bytes", tmp_path / "books", num_proc=1)
+    corpus = meta["corpus"]
+    assert f"{corpus['documents']} documents, {corpus['bytes']:,} bytes, sha256 {corpus['sha256']}" in readme
+    assert corpus["sha256"] == hashlib.sha256(b"".join(texts)).hexdigest()
+    # the val split is the books the README says, whole: each after its end-of-text byte
+    val = [text for (split, _, _), text in zip(listed, texts) if split == "val"]
+    assert split_stream(tmp_path / "books", "val").tolist() == [x for t in val for x in [256, *t]]
+    assert meta["train_tokens"] == sum(len(t) + 1 for t in texts) - meta["val_tokens"]
+
+
+def test_a_folder_of_format_1_is_prepared_again(tmp_path):
+    source = write_docs(tmp_path / "docs", make_docs(40, seed=3))
+    kw = dict(val_tokens=500, shard_tokens=1000, num_proc=1)
+    reference = prepare.prepare(source, "bytes", tmp_path / "out", **kw)
+    # as an older prepare.py left it: no format, no corpus, and a shard that this one does not write
+    old = {k: v for k, v in reference.items() if k not in ("format", "corpus")}
+    old["shards"] = old["shards"] + [{**old["shards"][-1], "file": "train_000099.bin"}]
+    (tmp_path / "out" / "train_000099.bin").write_bytes((tmp_path / "out" / old["shards"][-2]["file"]).read_bytes())
+    (tmp_path / "out" / "meta.json").write_text(json.dumps(old))
+    assert prepare.prepare(source, "bytes", tmp_path / "out", **kw) == reference
+    assert not (tmp_path / "out" / "train_000099.bin").exists()
 
 
 def test_stdlib_is_the_offline_default_corpus(tmp_path):

@@ -24,7 +24,7 @@ def test_the_quick_start_runs_as_written(tmp_path):
                                          ["python", "tools/compare.py"]]
     for path in ROOT.glob("*.py"):  # a fresh copy: the project's files, no data, no runs
         shutil.copy(path, tmp_path / path.name)
-    for folder in ("config", "tools"):
+    for folder in ("config", "tools", "corpus"):
         shutil.copytree(ROOT / folder, tmp_path / folder, ignore=shutil.ignore_patterns("__pycache__"))
     outputs = []
     for command in commands:

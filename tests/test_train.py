@@ -533,9 +533,9 @@ def test_user_mistakes_print_one_line_and_the_codes_errors_keep_their_traceback(
 
 # What the shipped configs promise in their comments: the data folder, its source and its tokenizer.
 CONFIG_DATA = {
-    "tiny_baseline.py": ("data/stdlib_bytes", "stdlib", "bytes"),
-    "tiny_tst.py": ("data/stdlib_bytes", "stdlib", "bytes"),
-    "tiny_moe_tst.py": ("data/stdlib_bytes", "stdlib", "bytes"),
+    "tiny_baseline.py": ("data/books_bytes", "books", "bytes"),
+    "tiny_tst.py": ("data/books_bytes", "books", "bytes"),
+    "tiny_moe_tst.py": ("data/books_bytes", "books", "bytes"),
     "small_baseline.py": ("data/fwedu_gpt2", "fineweb-edu:sample-10BT", "gpt2"),
     "small_tst.py": ("data/fwedu_gpt2", "fineweb-edu:sample-10BT", "gpt2"),
     "270m_baseline.py": ("data/dclm_llama3", "dclm", "llama3:tokenizer.model"),
@@ -549,6 +549,31 @@ CONFIG_DATA = {
 }
 
 
+def test_train_prepares_an_offline_corpus_again_where_an_older_prepare_py_left_no_record_and_refuses_others(
+        tmp_path, data_dir, capsys):
+    import prepare
+    folder = tmp_path / "books"
+    prepare.prepare("books", "bytes", folder, num_proc=1)
+    reference = json.loads((folder / "meta.json").read_text())
+    older = {k: v for k, v in reference.items() if k not in ("format", "corpus")}
+    (folder / "meta.json").write_text(json.dumps(older))
+    config = dict(train_config.DEFAULTS, data_dir=str(folder), data_source="books")
+    assert train.open_data(config, rank=0)["corpus"] == reference["corpus"]
+    assert "preparing the offline corpus in " in capsys.readouterr().out
+    # any other source is refused, with the command that prepares it again (or at all)
+    other = tmp_path / "other"
+    shutil.copytree(data_dir, other)
+    meta = json.loads((other / "meta.json").read_text())
+    (other / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "format"}))
+    config.update(data_dir=str(other), data_source=meta["source"])
+    with pytest.raises(UserError, match=rf"^data_dir={other} was prepared by an older prepare.py, which did not record "
+                                        rf"the corpus it read: prepare it with python prepare.py --source "):
+        train.open_data(config, rank=0)
+    with pytest.raises(UserError, match=rf"^data_dir={tmp_path / 'none'} holds no prepared data: prepare it with "
+                                        rf"python prepare.py --source .* --tokenizer bytes --out_dir {tmp_path / 'none'}$"):
+        train.open_data(dict(config, data_dir=str(tmp_path / "none")), rank=0)
+
+
 def test_every_config_resolves_to_the_data_and_tokenizer_it_promises():
     shipped = {p.name for p in (ROOT / "config").glob("*.py")}
     assert set(CONFIG_DATA) <= shipped
@@ -556,7 +581,7 @@ def test_every_config_resolves_to_the_data_and_tokenizer_it_promises():
         config = train_config.load([str(ROOT / "config" / name)])
         if name in CONFIG_DATA:
             assert (config["data_dir"], config["data_source"], config["tokenizer"]) == CONFIG_DATA[name], name
-        elif config["data_source"] == "stdlib":
+        elif config["data_source"] in ("books", "stdlib"):
             assert config["tokenizer"] == "bytes", name
         else:  # a config for another corpus names its own data folder, not the offline default's
             assert config["data_dir"] != train_config.DEFAULTS["data_dir"], name
