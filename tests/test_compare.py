@@ -446,6 +446,82 @@ def test_hundredths_at_the_end_of_long_runs_stay_readable(tmp_path, drawn):
         assert sorted(marked(whole, "D")) == sorted(switches) and len(switches) == 3
 
 
+def training_loss(folder, loss):
+    """Rewrites the training loss a run logged at each step: loss(steps done, phase)."""
+    records = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
+    (folder / "log.jsonl").write_text("".join(json.dumps({**r, "loss": loss(r["step"] + 1, r["phase"])}) + "\n"
+                                              for r in records))
+
+
+def dashed(ax):
+    return [line for line in ax.get_lines() if line.get_linestyle() == "--"]
+
+
+def test_seeds_are_drawn_once_as_their_mean_in_a_band_from_min_to_max(tmp_path, drawn):
+    base = fake_run(tmp_path / "base", 1, 0.0, [3.0, 2.5, 2.2, 2.0])
+    tst = [fake_run(tmp_path / f"tst_seed{seed}", 4, 0.25, vals, seed=seed)
+           for seed, vals in [(1, [3.0, 2.6]), (2, [3.2, 2.1]), (3, [3.1, 2.5])]]
+    for folder, loss in zip(tst, [2.0, 2.3, 2.9]):
+        training_loss(folder, lambda k, phase, loss=loss: 9.0 if phase == 1 else loss)
+    compare.main([str(base), *map(str, tst), "--out", str(tmp_path / "plots")])  # averaged even without --by_seed
+    mean, low, high = [3.1, 2.4], [3.0, 2.1], [3.2, 2.6]
+    # 50 steps of 4,000 data tokens, then 1,000 a step
+    for fig, xs in [(drawn[0], [100, 200]), (drawn[1], [250_000, 350_000])]:
+        for ax in fig.axes:
+            solid = {line.get_label(): line for line in ax.get_lines() if line.get_linestyle() == "-"}
+            assert list(solid) == ["base (baseline)", "tst (s=4, r=0.25), mean of 3 seeds (band: their min to max)"]
+            line = solid["tst (s=4, r=0.25), mean of 3 seeds (band: their min to max)"]
+            assert list(line.get_xdata()) == xs and list(line.get_ydata()) == pytest.approx(mean)
+            [band] = ax.collections  # the single seed of the baseline has none
+            assert set(map(tuple, band.get_paths()[0].vertices)) == set(zip(xs + xs, low + high))
+        # the training loss: the mean over the seeds (2.0, 2.3, 2.9), from the first evaluation on
+        base_train, tst_train = dashed(fig.axes[0])
+        assert list(tst_train.get_ydata()) == pytest.approx([2.4] * 101) and tst_train.get_xdata()[0] == xs[0]
+    whole, end = drawn[2].axes  # equal loss: the baseline is at the mean, 2.4, after 300 steps (the seeds: 1x, 2x, 1x)
+    assert not whole.collections and [text.get_text() for text in end.texts] == ["1.50x"]
+    assert whole.get_lines()[1].get_label() == "tst (s=4, r=0.25), mean of 3 seeds: 2.4000 at 200 steps"
+
+
+def test_the_training_loss_is_dashed_smoothed_and_left_out_in_phase_1(tmp_path, drawn):
+    base = fake_run(tmp_path / "base", 1, 0.0, [3.0] * 10, eval_interval=20)
+    tst = fake_run(tmp_path / "tst", 4, 0.25, [2.9] * 10, eval_interval=20)  # phase 1: steps 1 to 50 done
+    training_loss(base, lambda k, phase: 5.0)
+    training_loss(tst, lambda k, phase: 100.0 if phase == 1 else k / 100)  # phase 1 logs the bag loss, MCE
+    compare.main([str(base), str(tst), "--out", str(tmp_path / "plots")])
+    base_train, tst_train = dashed(drawn[0].axes[0])
+    assert list(base_train.get_xdata()) == list(range(20, 201))  # every step from the first evaluation on
+    assert list(base_train.get_ydata()) == pytest.approx([5.0] * 181)
+    assert list(tst_train.get_xdata()) == list(range(51, 201))  # phase 2 only
+    # the mean of 101 steps centred on each: k / 100 inside, steps 51-101 at the first, 150-200 at the last
+    ys = tst_train.get_ydata()
+    assert (ys[0], ys[50], ys[-1]) == pytest.approx((76 / 100, 101 / 100, 175 / 100))
+    assert dashed(drawn[1].axes[0])[1].get_xdata()[0] == 201_000  # by data tokens: 50 steps of 4,000, then 1,000
+    legend = [text.get_text() for text in drawn[0].axes[0].get_legend().get_texts()]
+    assert any("training loss, mean of 101 logged steps" in text and "bag loss, MCE" in text for text in legend)
+
+
+def test_smoothing_is_a_centred_moving_mean_with_fewer_points_at_the_ends():
+    smoothed = compare.smoothed([(1, 10, 1.0), (2, 20, 2.0), (3, 30, 6.0), (4, 40, 3.0)], half=1)
+    assert [point[:2] for point in smoothed] == [(1, 10), (2, 20), (3, 30), (4, 40)]
+    assert [loss for *_, loss in smoothed] == pytest.approx([1.5, 3.0, 11 / 3, 4.5])
+
+
+def test_a_seed_still_training_ends_its_configurations_line_and_reruns_of_a_seed_are_not_seeds(tmp_path, runs):
+    base = compare.load_run(fake_run(tmp_path / "b", 1, 0.0, [3.0, 2.5, 2.2, 2.0]))
+    done = compare.load_run(fake_run(tmp_path / "t", 4, 0.25, [2.8, 2.5, 2.3, 2.1], seed=1))
+    running = compare.load_run(fake_run(tmp_path / "t_seed2", 4, 0.25, [3.0, 2.2, 2.0, 1.9], seed=2, steps=250))
+    baseline, tst = compare.lines(compare.compare([base, done, running], base), by_seed=False)
+    assert [k for k, _, _ in tst["evals"]] == [100, 200] and tst["band"] == [[2.8, 2.2], [3.0, 2.5]]
+    assert [v for *_, v in tst["evals"]] == pytest.approx([2.9, 2.35])
+    assert tst["train"][0][0] == 101 and tst["train"][-1][0] == 250  # phase 2, as far as both seeds got
+    assert tst["crossing"] == 300 and tst["speedup"] == 300 / 200  # the mean's: the baseline is at 2.2 after 300
+    assert baseline["band"] is None and baseline["seeds"] == 1
+    # tst and better differ in nothing but their folder: reruns of one seed, two lines unless --by_seed
+    loaded = [compare.load_run(runs[name]) for name in ("base", "tst", "better")]
+    loaded = compare.compare(loaded, loaded[0])
+    assert len(compare.lines(loaded, by_seed=False)) == 3 and len(compare.lines(loaded, by_seed=True)) == 2
+
+
 def test_without_matplotlib_the_table_still_prints(runs, tmp_path, tables_only, capsys):
     compare.main([str(runs["base"]), str(runs["tst"]), "--out", str(tmp_path / "plots")])
     captured = capsys.readouterr()

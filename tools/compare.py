@@ -12,7 +12,8 @@ A run is a train.py out_dir: config.json and log.jsonl (a run still training is 
 and eval_step{steps}.json if eval.py scored its last checkpoint on the whole validation split. The baseline is the
 run whose log has no phase-1 step (or --baseline); every other run is compared with it. Runs of different tokenizers
 are refused: a loss per token is not comparable across them. The PNGs replace those of an earlier comparison in the
-same folder (the script says so).
+same folder (the script says so). The plots draw seeds of one configuration once: their mean, in a band from their
+min to their max; dashed beside it, the training loss of next-token steps, smoothed.
 """
 
 import argparse
@@ -38,8 +39,9 @@ FULL_SPLIT_EVAL = ["--loss_tokens", "all"]
 # Reading runs
 
 def load_run(folder):
-    """A run's settings, its evaluations [(steps done, data tokens, val_loss)], the steps done where each of its
-    stages ends (train.py evaluates there too) and the table's totals."""
+    """A run's settings, its evaluations [(steps done, data tokens, val_loss)], its training loss on next-token
+    steps [(steps done, data tokens, loss)], the steps done where each of its stages ends (train.py evaluates there
+    too) and the table's totals."""
     folder = Path(folder)
     for name in ("config.json", "log.jsonl"):
         if not (folder / name).is_file():
@@ -64,7 +66,10 @@ def load_run(folder):
         boundaries=[r["step"] for before, r in zip(log, log[1:])
                     if (r.get("phase"), r.get("s")) != (before.get("phase"), before.get("s"))],
         final_val=evals[-1][2], full_split_val=full_split_loss(folder, steps),
-        data_tokens=log[-1]["data_tokens"], positions=log[-1]["positions"], wall=sum(r["dt"] for r in log))
+        data_tokens=log[-1]["data_tokens"], positions=log[-1]["positions"], wall=sum(r["dt"] for r in log),
+        # phase 1 logs the bag loss (MCE), another quantity than a next-token loss: only phase 2's (a baseline's
+        # every step: it logs no phase)
+        train=[(r["step"] + 1, r["data_tokens"], r["loss"]) for r in log if r.get("phase", 2) == 2])
 
 
 def read_config(folder):
@@ -150,11 +155,16 @@ def compare(runs, baseline):
         if other:
             print(f"warning: {run['name']} is evaluated on other held-out rows than the baseline, {', '.join(other)}: "
                   f"Δ val mixes how hard those rows are with how well it trained", file=sys.stderr)
-        steps, _, loss = run["evals"][-1]
-        run["delta"] = loss - baseline["final_val"]
-        run["crossing"] = next((k for k, _, v in baseline["evals"] if v <= loss), None)
-        run["speedup"] = (baseline["steps"] if run["crossing"] is None else run["crossing"]) / steps
+        run["delta"] = run["final_val"] - baseline["final_val"]
+        equal_loss(run, baseline)
     return [baseline] + [run for run in runs if run is not baseline]
+
+
+def equal_loss(run, baseline):
+    """Sets the run's crossing and speed-up against the baseline (compare says how they are read)."""
+    steps, _, loss = run["evals"][-1]
+    run["crossing"] = next((k for k, _, v in baseline["evals"] if v <= loss), None)
+    run["speedup"] = (baseline["steps"] if run["crossing"] is None else run["crossing"]) / steps
 
 
 # settings that do not change what a run computes: runs that differ only in these are seeds of one configuration
@@ -239,9 +249,59 @@ def render(columns, rows, markdown):
 
 # -----------------------------------------------------------------------------
 # The three plots, each in two panels: every evaluation of every run, and the end zoomed in, where runs differ by
-# hundredths of a nat
+# hundredths of a nat. Seeds of one configuration are one line, their mean, in a band from their min to their max.
 
 PLOTS = ["val_loss_vs_steps.png", "val_loss_vs_data_tokens.png", "equal_loss.png"]
+# the training loss is drawn as the mean over the 2 * 50 + 1 = 101 logged steps centred on each: a step's loss
+# is noisy, by about 0.1 nats in the quick start, and a mean of 101 is within about 0.01
+SMOOTHING = 50
+
+
+def smoothed(points, half=SMOOTHING):
+    """points [(steps, data tokens, loss)], each loss the mean over the 2 * half + 1 points centred on it (fewer at
+    the ends). Centred, unlike an exponential average, it does not shift a falling curve to later steps."""
+    losses = [loss for _, _, loss in points]
+    windows = (losses[max(0, i - half):i + half + 1] for i in range(len(losses)))
+    return [(k, tokens, sum(window) / len(window)) for (k, tokens, _), window in zip(points, windows)]
+
+
+def across_seeds(curves):
+    """Curves [[(steps, data tokens, y)]], one per seed, as [(steps, mean data tokens, mean y, min y, max y)] at the
+    steps every seed has: a seed still training ends the configuration's curve where it ends."""
+    common = set.intersection(*({k for k, _, _ in curve} for curve in curves))
+    rows = []
+    for at in zip(*([point for point in curve if point[0] in common] for curve in curves)):
+        ys = [y for _, _, y in at]
+        tokens = statistics.fmean(tokens for _, tokens, _ in at)
+        rows.append((at[0][0], tokens, statistics.fmean(ys), min(ys), max(ys)))
+    return rows
+
+
+def lines(runs, by_seed):
+    """The plots' lines for runs (the baseline first, as compare returns them), the baseline's first: one per
+    configuration when seeds are averaged (by_seed, or some configuration has several seeds), else one per run. A
+    line is its first run's dict with evals and train the means over its seeds of the val loss and the smoothed
+    training loss, band the (min, max) of the val loss (None for one seed), and the mean's crossing and speed-up."""
+    groups = seed_groups(runs)
+    if not by_seed and all(len({run["config"].get("seed") for run in group}) == 1 for group in groups):
+        groups = [[run] for run in runs]  # reruns of one seed are not seeds: each is its own line, as in the table
+    drawn = []
+    for group in groups:
+        evals = across_seeds([run["evals"] for run in group])
+        drawn.append(dict(
+            group[0], seeds=len(group), steps=min(run["steps"] for run in group),
+            name=re.sub(r"_seed\d+$", "", group[0]["name"]) if len(group) > 1 else group[0]["name"],
+            evals=[e[:3] for e in evals], final_val=evals[-1][2],
+            band=[[e[3] for e in evals], [e[4] for e in evals]] if len(group) > 1 else None,
+            train=[p[:3] for p in across_seeds([smoothed(run["train"]) for run in group])]))
+    for line in drawn[1:]:
+        equal_loss(line, drawn[0])
+    return drawn
+
+
+def with_band(xs, line, colour):
+    """The zoom's series for a line, and for its band's edges: the zoom shows the band's tail whole too."""
+    return [(xs, ys, tail(line), colour) for ys in [[e[2] for e in line["evals"]], *(line["band"] or [])]]
 
 
 def tail(run):
@@ -263,8 +323,9 @@ def zoom(series):
     return (min(xs) - margin, max(xs) + margin), (bottom - pad, top + pad)
 
 
-def plot(runs, baseline, out):
-    """Writes the three PNGs into out and returns their paths; [] without matplotlib."""
+def plot(runs, out, by_seed=False):
+    """Writes the three PNGs into out for runs (the baseline first, as compare returns them) and returns their
+    paths; [] without matplotlib."""
     try:
         import matplotlib
         matplotlib.use("Agg")  # files only: no display needed
@@ -280,23 +341,31 @@ def plot(runs, baseline, out):
     earlier = [path.name for path in paths if path.exists()]
     if earlier:
         print(f"replacing the earlier plots in {out}: {', '.join(earlier)}", file=sys.stderr)
-    colours = ["black" if run is baseline else f"C{i}" for i, run in enumerate(runs)]
-    # the legend's entry for the marks on the curves, where some run has more than one stage
-    switch = [Line2D([], [], marker="D", color="grey", fillstyle="none", linestyle="none",
-                     label="a change of stage (the switch)")] * any(run["boundaries"] for run in runs)
+    drawn = lines(runs, by_seed)
+    baseline = drawn[0]
+    colours = ["black" if i == 0 else f"C{i}" for i in range(len(drawn))]
+    # the legend's entries for the marks on the curves, where some run has more than one stage, and for the dashes
+    extra = [Line2D([], [], marker="D", color="grey", fillstyle="none", linestyle="none",
+                    label="a change of stage (the switch)")] * any(line["boundaries"] for line in drawn)
+    if any(line["train"] for line in drawn):
+        extra.append(Line2D([], [], color="grey", linestyle="--", linewidth=0.8,
+                            label=f"dashed: training loss, mean of {2 * SMOOTHING + 1} logged steps; none in TST's "
+                                  f"phase 1\n(it logs the bag loss, MCE, not a next-token loss)"))
     save(plt, paths[0], figure(plt, "Equal FLOPs: validation loss by step", "steps",
-                               *curves(runs, baseline, colours, 0)), switch)
+                               *curves(drawn, colours, 0)), extra)
     save(plt, paths[1], figure(plt, "Equal data: validation loss by data tokens read", "data tokens",
-                               *curves(runs, baseline, colours, 1)), switch)
-    save(plt, paths[2], equal_loss_figure(plt, runs, baseline, colours))
+                               *curves(drawn, colours, 1)), extra)
+    save(plt, paths[2], equal_loss_figure(plt, drawn, baseline, colours))
     return paths
 
 
-def label(run, baseline):
-    if run is baseline:
-        return f"{run['name']} (baseline)"
-    mode = "" if run["mode"] == "full" else f", {run['mode']}"
-    return f"{run['name']} (s={run['s']}, r={run['r']:g}{mode})"
+def label(line, baseline, band=True):
+    """band=False where only the mean is drawn (a final loss in the equal-loss figure)."""
+    seeds = f", mean of {line['seeds']} seeds" + " (band: their min to max)" * band if line["band"] else ""
+    if line is baseline:
+        return f"{line['name']} (baseline){seeds}"
+    mode = "" if line["mode"] == "full" else f", {line['mode']}"
+    return f"{line['name']} (s={line['s']}, r={line['r']:g}{mode}){seeds}"
 
 
 def figure(plt, title, xlabel, series, draw):
@@ -334,37 +403,47 @@ def save(plt, path, fig, legend_extra=()):
     plt.close(fig)
 
 
-def curves(runs, baseline, colours, which):
-    """Every run's val loss by steps (which 0) or by data tokens (1): its series and draw(ax), which marks each
-    stage boundary on the run's curve."""
-    series = [([e[which] for e in run["evals"]], [e[2] for e in run["evals"]], tail(run), colour)
-              for run, colour in zip(runs, colours)]
+def curves(drawn, colours, which):
+    """Every line's val loss by steps (which 0) or by data tokens (1), its band, its training loss dashed: their
+    series and draw(ax), which also marks each stage boundary on the line."""
+    series = []
+    for line, colour in zip(drawn, colours):
+        series += with_band([e[which] for e in line["evals"]], line, colour)
 
     def draw(ax):
-        for run, (xs, ys, _, colour) in zip(runs, series):
-            ax.plot(xs, ys, marker=".", color=colour, label=label(run, baseline))
-            at = [(e[which], e[2]) for e in run["evals"] if e[0] in run["boundaries"]]
+        for line, colour in zip(drawn, colours):
+            xs = [e[which] for e in line["evals"]]
+            ax.plot(xs, [e[2] for e in line["evals"]], marker=".", color=colour, label=label(line, drawn[0]))
+            if line["band"]:
+                ax.fill_between(xs, *line["band"], color=colour, alpha=0.2, linewidth=0)
+            # from the first evaluation on: the first steps' loss (about ln of the vocabulary) would squash the rest
+            train = [p for p in line["train"] if p[0] >= line["evals"][0][0]]
+            ax.plot([p[which] for p in train], [p[2] for p in train], "--", color=colour, linewidth=0.8)
+            at = [(e[which], e[2]) for e in line["evals"] if e[0] in line["boundaries"]]
             if at:
                 ax.plot(*zip(*at), "D", color=colour, fillstyle="none", markersize=8)
     return series, draw
 
 
 def equal_loss_figure(plt, runs, baseline, colours):
-    """The baseline's curve, each run's final loss as a line, and where the baseline gets there (the speed-up)."""
+    """The baseline's curve (and band), each run's final loss as a line, and where the baseline gets there (the
+    speed-up)."""
     steps, _, val = zip(*baseline["evals"])
     others = [(run, colour) for run, colour in zip(runs, colours) if run is not baseline]
     # besides the baseline's curve, the zoom shows where each run ends and where the baseline gets there
-    series = [(steps, val, tail(baseline), "black")]
+    series = with_band(steps, baseline, "black")
     series += [([run["evals"][-1][0]], [run["final_val"]], 0, colour) for run, colour in others]
     series += [([run["crossing"]], [run["final_val"]], 0, colour) for run, colour in others
                if run["crossing"] is not None]
 
     def draw(ax):
         ax.plot(steps, val, marker=".", color="black", label=label(baseline, baseline))
+        if baseline["band"]:
+            ax.fill_between(steps, *baseline["band"], color="black", alpha=0.15, linewidth=0)
         for run, colour in others:
             n, _, loss = run["evals"][-1]
             ax.axhline(loss, color=colour, linestyle="--", linewidth=1,
-                       label=f"{label(run, baseline)}: {loss:.4f} at {n} steps")
+                       label=f"{label(run, baseline, band=False)}: {loss:.4f} at {n} steps")
             ax.plot(n, loss, marker="s", color=colour)  # where the run got to its final loss
             if run["crossing"] is not None:
                 ax.plot(run["crossing"], loss, marker="o", markersize=10, fillstyle="none", color=colour)
@@ -553,7 +632,8 @@ def main(argv):
     p.add_argument("--baseline", metavar="RUN_DIR", help="the run to compare against (default: the one run whose "
                    "log has no phase-1 step)")
     p.add_argument("--by_seed", action="store_true", help="one row per configuration: runs whose settings differ "
-                   "only by seed as mean ± sample sd over their n seeds (the plots still show every run)")
+                   "only by seed as mean ± sample sd over their n seeds (the plots draw such seeds as their mean in "
+                   "a min-max band even without it)")
     p.add_argument("--out", help="folder for the PNGs (default: the first run's parent folder, or ./plots when "
                    "that is the current folder)")
     p.add_argument("--markdown", action="store_true", help="print the table in Markdown")
@@ -570,7 +650,7 @@ def main(argv):
     out = args.out or Path(args.runs[0]).resolve().parent
     if not args.out and out == Path.cwd():
         out = Path("plots")
-    for path in plot(runs, baseline, out):
+    for path in plot(runs, out, args.by_seed):
         print(f"wrote {path}", file=sys.stderr)
 
 
