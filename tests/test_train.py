@@ -165,7 +165,7 @@ def test_a_nan_loss_before_any_checkpoint_does_not_mention_one(data_dir, tmp_pat
     ("--global_batch_tokens=1000", "global_batch_tokens=1000 is not a multiple of batch_size * seq_len"),
     ("--seq_len=4096", "seq_len=4096 exceeds max_seq_len=128"),
     ("--n_kv_heads=3", "multiple of n_kv_heads"),
-    ("--warmup_steps=595", "warmup_steps=595: must fit before the decay"),
+    ("--warmup_steps=2750", "warmup_steps=2750: must fit before the decay"),
     ("--s", "write overrides as --key=value"),
     # each of these was a traceback (ZeroDivisionError, RuntimeError, AdamW's ValueError) or a NaN at step 0
     ("--batch_size=0", "batch_size=0: must be >= 1"),
@@ -178,7 +178,7 @@ def test_a_nan_loss_before_any_checkpoint_does_not_mention_one(data_dir, tmp_pat
     ("--beta2=-0.1", "beta2=-0.1: must be in [0, 1)"),
     ("--norm_eps=-1.0", "norm_eps=-1.0: must be a number > 0"),
     ("--lr=1e999", "lr=inf: must be a number > 0"),
-    ("--bag_weights=['a','b','c','d']", "bag_weights=['a', 'b', 'c', 'd']: an explicit list needs s=4 numbers"),
+    ("--bag_weights=['a','b','c']", "bag_weights=['a', 'b', 'c']: an explicit list needs s=2 numbers"),
     ("--s_schedule=[('a', 4)]", "s_schedule=[('a', 4)]: each stage is a pair (end_fraction, s) of a number"),
     # and these were accepted
     ("--batch_size=True", "batch_size=True is a bool, but batch_size takes an int"),
