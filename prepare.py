@@ -189,7 +189,7 @@ class Stopped(SystemExit):
 
 
 def prepare(source, tokenizer, out_dir, *, val_tokens=1_000_000, shard_tokens=100_000_000, max_tokens=None,
-            text_field="text", dtype=None, num_proc=None):
+            text_field="text", dtype=None, num_proc=None, wait=False):
     """Tokenize SOURCE into shards in OUT_DIR (see the module docstring); returns meta.json's contents."""
     for name, value, least in (("val_tokens", val_tokens, 0), ("shard_tokens", shard_tokens, 1),
                                ("max_tokens", max_tokens, 1), ("num_proc", num_proc, 1)):
@@ -213,7 +213,7 @@ def prepare(source, tokenizer, out_dir, *, val_tokens=1_000_000, shard_tokens=10
     settings = {"source": source, "tokenizer": tokenizer, "vocab_size": tok.n_vocab, "dtype": dtype, "eot": tok.eot,
                 "bos": tok.bos, "text_field": text_field, "val_target": val_tokens, "shard_tokens": shard_tokens}
     try:
-        with _only_preparation_of(out_dir), _stop_on_signals():
+        with _only_preparation_of(out_dir, wait), _stop_on_signals():
             meta = _prepare(all_documents, tok, out_dir, settings, max_tokens, num_proc or os.cpu_count())
             if meta["train_tokens"] == 0:
                 # nothing is left behind (meta.json comes with the first train shard): the retry may use other settings
@@ -304,14 +304,14 @@ class _Corpus:
 
 
 @contextlib.contextmanager
-def _only_preparation_of(out_dir):
+def _only_preparation_of(out_dir, wait):
     """out_dir to this preparation alone: another one of it at the same time is refused rather than racing this one for
     its files. An flock, which the kernel drops when its process ends, however it ends; the file goes with it."""
     path = out_dir / LOCK
     while True:
         f = open(path, "a+")
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))  # wait: for train.py's runs side by side
         except BlockingIOError:
             f.seek(0)
             holder = f.read().strip()

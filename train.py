@@ -130,25 +130,25 @@ def setup_processes(config):
 
 
 def open_data(config, rank):
-    """The data folder's meta.json, after checking that it fits the run. The offline corpora (books, stdlib) are
-    prepared here if missing or prepared by an older prepare.py (format 1), which did not record what it read."""
-    folder, path = Path(config["data_dir"]), Path(config["data_dir"]) / "meta.json"
-    meta = data.read_meta(path) if path.exists() else {"source": config["data_source"], "tokenizer": config["tokenizer"]}
+    """The data folder's meta.json, checked for this run; books and stdlib are prepared here if missing or format 1."""
+    folder, source, path = Path(config["data_dir"]), config["data_source"], Path(config["data_dir"], "meta.json")
+    meta = data.read_meta(path) if path.exists() else {"source": source, "tokenizer": config["tokenizer"]}
     if meta.get("format", 1) < data.FORMAT:  # no folder, or one that does not say which corpus it holds
         how = data.prepare_command(meta, folder)
-        if config["data_source"] not in ("books", "stdlib"):
-            raise UserError(f"data_dir={folder} " + ("was prepared by an older prepare.py, which did not record the "
-                            "corpus it read" if path.exists() else "holds no prepared data") + f": prepare it with {how}")
+        if source not in ("books", "stdlib"):
+            raise UserError(f"data_dir={folder} " + ("was prepared by an older prepare.py, which did not record its "
+                            "corpus" if path.exists() else "holds no prepared data") + f": prepare it with {how}")
         if rank == 0:
             import prepare  # here: training a prepared folder never needs it
             print(f"preparing the offline corpus in {folder}: {how}")
-            prepare.prepare(config["data_source"], config["tokenizer"], folder)
+            prepare.prepare(source, config["tokenizer"], folder, wait=True)  # after a run beside it, if one is at it
         if dist.is_initialized():
             dist.barrier()
     meta = data.load_meta(folder)
     if meta["tokenizer"] != config["tokenizer"]:
-        raise UserError(f"tokenizer={config['tokenizer']!r}, but {folder} was prepared with {meta['tokenizer']!r}: set "
-                        f"tokenizer={meta['tokenizer']!r}, or point data_dir at data prepared with {config['tokenizer']!r}")
+        raise UserError(f"tokenizer={config['tokenizer']!r}, but {folder} was prepared with {meta['tokenizer']!r}: "
+                        f"set tokenizer={meta['tokenizer']!r}, or point data_dir at data prepared with "
+                        f"{config['tokenizer']!r}")
     if config["vocab_size"] == 0:
         config["vocab_size"] = meta["vocab_size"]
     return data.check_token_ids(config["data_dir"], config["vocab_size"])  # the ids fit: from meta.json alone

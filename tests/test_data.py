@@ -19,6 +19,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 import types
 from pathlib import Path
@@ -525,6 +526,20 @@ def test_a_folder_is_prepared_by_one_preparation_at_a_time(tmp_path):
         assert list(out.iterdir()) == [out / "prepare.lock"]  # nothing of the refused one
     meta = prepare.prepare(source, "bytes", out, val_tokens=0, num_proc=1)
     assert meta["done"] and not (out / "prepare.lock").exists()  # the lock goes with its preparation
+    # train.py's own preparation (two runs started at once on a fresh clone) waits for the other one instead
+    other = tmp_path / "other"
+    other.mkdir()
+    held = open(other / "prepare.lock", "a+")
+    fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+    def finish():  # as the other preparation ends: its lock file goes, then its flock
+        time.sleep(0.5)
+        (other / "prepare.lock").unlink()
+        held.close()
+    threading.Thread(target=finish).start()
+    start = time.monotonic()
+    assert prepare.prepare(source, "bytes", other, val_tokens=0, num_proc=1, wait=True) == meta
+    assert time.monotonic() - start >= 0.5 and not (other / "prepare.lock").exists()
 
 
 @pytest.mark.parametrize("name, content, where", [

@@ -567,7 +567,7 @@ def test_train_prepares_an_offline_corpus_again_where_an_older_prepare_py_left_n
     (other / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "format"}))
     config.update(data_dir=str(other), data_source=meta["source"])
     with pytest.raises(UserError, match=rf"^data_dir={other} was prepared by an older prepare.py, which did not record "
-                                        rf"the corpus it read: prepare it with python prepare.py --source "):
+                                        rf"its corpus: prepare it with python prepare.py --source "):
         train.open_data(config, rank=0)
     with pytest.raises(UserError, match=rf"^data_dir={tmp_path / 'none'} holds no prepared data: prepare it with "
                                         rf"python prepare.py --source .* --tokenizer bytes --out_dir {tmp_path / 'none'}$"):
