@@ -27,11 +27,11 @@ import tst  # noqa: E402  # TST
 class RandomRows:
     """The loader's next_rows on random tokens: a benchmark needs no data."""
 
-    def __init__(self, batch_size, vocab_size, device):
-        self.batch_size, self.vocab_size, self.device = batch_size, vocab_size, device
+    def __init__(self, batch_size, vocab_size):
+        self.batch_size, self.vocab_size = batch_size, vocab_size
 
     def next_rows(self, L):
-        return torch.randint(0, self.vocab_size, (self.batch_size, L + 1), device=self.device)
+        return torch.randint(0, self.vocab_size, (self.batch_size, L + 1))  # on the CPU, as the loader's rows
 
 
 def measure(run, step, steps):
@@ -69,7 +69,7 @@ def main():
     raw_model, model, optimizer, autocast = train.build_model(c, device, torch.bfloat16 if cuda else torch.float32)
     B, T = c["batch_size"], c["seq_len"]
     run = train.Run(config=c, argv=[], rank=0, world=1, device=device, raw_model=raw_model, model=model,
-                    optimizer=optimizer, autocast=autocast, loader=RandomRows(B, c["vocab_size"], device),
+                    optimizer=optimizer, autocast=autocast, loader=RandomRows(B, c["vocab_size"]),
                     val_rows=None, grad_accum=1, rows_per_step=B,
                     schedule=tst.Schedule(c),  # TST
                     flops_per_position=raw_model.flops_per_position(T), peak_flops=args.peak_flops if cuda else 0.0,
