@@ -608,11 +608,13 @@ def test_the_full_split_evaluations_of_a_dry_run(scratch, capsys):
 
 def stand_in(launched):
     """subprocess.run for train.py (leaves a finished run in its out_dir: val 2.8, 2.2 for a baseline, 2.6 then
-    2.0 + seed / 1000 for TST) and eval.py (scores the run's whole val split: 1.9)."""
+    2.0 + seed / 1000 for TST) and eval.py (scores the run's whole val split: 1.9 for a baseline, 1.8 + seed / 1000
+    for TST)."""
     def run(cmd):
         launched.append([Path(cmd[1]).name] + cmd[2:])
         if cmd[1].endswith("eval.py"):
-            split_eval(Path(cmd[3]).parent, 1.9)
+            config = json.loads((Path(cmd[3]).parent / "config.json").read_text())
+            split_eval(Path(cmd[3]).parent, 1.9 if config["s"] == 1 else 1.8 + config["seed"] / 1000)
             return subprocess.CompletedProcess(cmd, 0)
         settings = dict(a[2:].split("=", 1) for a in cmd[3:])
         out, s, seed = Path(settings["out_dir"]), int(settings["s"]), int(settings.get("seed", 1337))
@@ -685,9 +687,11 @@ def test_sweep_summary_of_seeds_and_modes_with_the_whole_split(scratch, monkeypa
     assert [cmd[0] for cmd in launched] == ["train.py"] * 8 + ["eval.py"] * 8  # all training first
     lines = (root / "summary.md").read_text().splitlines()
     # each TST configuration: 2.001 and 2.003 -> mean 2.002, sd 0.002 / sqrt(2) = 0.0014; baseline 2.2 twice
-    table = lines[lines.index("| configuration | s | r | mode | n | steps | final val | full-split val | Δ val |"):]
-    tst = "| 2 | 200 | 2.0020 ± 0.0014 | 1.9000 ± 0.0000 | -0.1980 |"
-    assert table[2:6] == ["| baseline | 1 | 0 | baseline | 2 | 200 | 2.2000 ± 0.0000 | 1.9000 ± 0.0000 | - |",
+    table = lines[lines.index("| configuration | s | r | mode | n | steps | final val | full-split val | Δ val "
+                              "| Δ full-split |"):]
+    # the whole split: 1.801 and 1.803 -> 1.8020 ± 0.0014, 0.098 below the baseline's 1.9
+    tst = "| 2 | 200 | 2.0020 ± 0.0014 | 1.8020 ± 0.0014 | -0.1980 | -0.0980 |"
+    assert table[2:6] == ["| baseline | 1 | 0 | baseline | 2 | 200 | 2.2000 ± 0.0000 | 1.9000 ± 0.0000 | - | - |",
                           f"| s2_r0.3 | 2 | 0.3 | full {tst}",
                           f"| s2_r0.3_input | 2 | 0.3 | input {tst}",
                           f"| s2_r0.3_reinit | 2 | 0.3 | full+reinit {tst}"]

@@ -213,21 +213,25 @@ def table(runs, baseline, markdown=False):
 
 def seed_table(groups, baseline, markdown=False):
     """One row per configuration: final val (and full-split val) as mean ± sample sd over its n seeds, and Δ of the
-    means against the baseline's configuration, listed first."""
+    means (of each) against the baseline's configuration, listed first."""
     groups = sorted(groups, key=lambda group: all(run is not baseline for run in group))
     full = any(run["full_split_val"] is not None for group in groups for run in group)
     columns = ["configuration", "s", "r", "mode", "n", "steps", "final val"] + ["full-split val"] * full + ["Δ val"]
+    columns += ["Δ full-split"] * full
     base_mean = statistics.mean(run["final_val"] for run in groups[0])
+    base_full = [run["full_split_val"] for run in groups[0]]
     rows = []
     for i, group in enumerate(groups):
         first = group[0]
         mean, sd = mean_sd([run["final_val"] for run in group])
-        full_split = [run["full_split_val"] for run in group]
+        full_split = [run["full_split_val"] for run in group]  # every seed's, or the cell is "-"
+        delta_full = "-" if i == 0 or None in full_split + base_full else (
+            f"{statistics.mean(full_split) - statistics.mean(base_full):+.4f}")
         rows.append([re.sub(r"_seed\d+$", "", first["name"]), first["s"], f"{first['r']:g}",
                      "baseline" if i == 0 else first["mode"], str(len(group)),
                      steps_cell(min(group, key=lambda run: run["steps"])), number(mean, sd)]
-                    + ["-" if None in full_split else number(*mean_sd(full_split))] * full  # every seed, or none
-                    + ["-" if i == 0 else f"{mean - base_mean:+.4f}"])
+                    + ["-" if None in full_split else number(*mean_sd(full_split))] * full
+                    + ["-" if i == 0 else f"{mean - base_mean:+.4f}"] + [delta_full] * full)
     return render(columns, rows, markdown)
 
 
